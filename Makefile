@@ -1,0 +1,27 @@
+# Two targets a newcomer needs: `make demo` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-fast bench clean
+
+$(BIN)/ctok: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/ctok
+	$(BIN)/ctok demo --out demo-out
+
+test: $(BIN)/ctok
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/ctok
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow'
+
+bench: $(BIN)/ctok
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

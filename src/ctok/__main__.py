@@ -1,0 +1,5 @@
+import sys
+
+from ctok.cli import main
+
+sys.exit(main())

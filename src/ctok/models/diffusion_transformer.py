@@ -1,0 +1,300 @@
+"""SiT and DiT on 1-D latents: a transformer over (tokens x channels) with adaLN-Zero blocks.
+
+Both models are the same network. They differ in what they predict and how time is given:
+
+* SiT predicts the velocity of a flow-matching path; ``t`` is a float in [0, 1] (1 is noise).
+* DiT predicts the noise and, with learned sigma, the interpolation between the two posterior
+  variance bounds (output has twice the channels); ``t`` is an integer step in [0, 1000).
+
+Parameter names follow the released checkpoints so that their state dicts load unchanged.
+Class ``num_classes`` is the null class used for classifier-free guidance; it exists only when
+the model was trained with label dropout (``class_dropout_prob > 0``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+from ctok.validation import check_batch, check_labels, check_tensor
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_table_1d(length: int, dim: int) -> torch.Tensor:
+    """Fixed position table: sin at even channels, cos at odd, frequencies 10000^(-2i/dim).
+
+    This interleaved layout (not sin and cos halves) is what the released 1-D models use.
+    """
+    if dim % 2:
+        raise ValueError(f"the sin-cos position table needs an even width, got {dim}")
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)
+    return table
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of a (possibly fractional) time, then a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+        half = frequency_size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+        # Not saved: the released checkpoints do not carry it and it is a pure function of the size.
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = t.float()[:, None] * self.freqs[None]
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table; row ``num_classes`` is the null class when dropout is trained."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose norms are shifted, scaled and gated by the condition."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+@dataclass
+class TransformerConfig:
+    """Constructor arguments shared by SiT and DiT, named as in the released config.json files."""
+
+    input_size: int = 128  # number of latent tokens
+    in_channels: int = 32  # latent width
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    qk_norm: bool = False
+
+
+# Keys that released configs carry but that change nothing in the computation (hub metadata,
+# the attention kernel choice, and flags that are always true for 1-D latents).
+_INERT_KEYS = {"license", "repo_url", "tags", "fused_attn", "flash_attn", "use_cfg", "vae_1d", "patch_size",
+               "decoder_hidden_size", "path_type", "learn_sigma"}
+
+
+class DiffusionTransformer(nn.Module):
+    """The shared network; see :class:`SiT` and :class:`DiT` for the two parameterisations."""
+
+    kind: str = ""
+    config_class = TransformerConfig
+
+    def __init__(self, config: TransformerConfig, out_channels: int):
+        super().__init__()
+        self.config = config
+        self.num_tokens = config.input_size
+        self.in_channels = config.in_channels
+        self.out_channels = out_channels
+        self.num_classes = config.num_classes
+        self.x_embedder = nn.Linear(config.in_channels, config.hidden_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
+        self.register_buffer("pos_embed", sincos_table_1d(config.input_size, config.hidden_size).unsqueeze(0))
+        self.blocks = nn.ModuleList(
+            Block(config.hidden_size, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(config.hidden_size, out_channels)
+        self.initialize_weights()
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.config.class_dropout_prob > 0
+
+    def initialize_weights(self) -> None:
+        """adaLN-Zero: every block starts as the identity and the output starts at zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
+            nn.init.zeros_(p)
+
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        check_tensor("x", x, (None, self.num_tokens, self.in_channels))
+        check_tensor("t", t, (x.shape[0],))
+        check_batch("t", t, x.shape[0])
+        check_labels("y", y, x.shape[0], self.y_embedder.embedding_table.num_embeddings)
+
+    def backbone(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final_layer(h, c)
+
+    # -- configuration ---------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict) -> "DiffusionTransformer":
+        """Build from a released-style config dict; keys that do not affect the function are ignored."""
+        known = {f.name for f in fields(cls.config_class)}
+        unknown = set(config) - known - _INERT_KEYS
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} config keys: {sorted(unknown)}")
+        if config.get("vae_1d") is False:
+            raise ValueError(f"{cls.kind} config has vae_1d=false: ctok only runs models on 1-D latent tokens")
+        if config.get("patch_size", 1) != 1:
+            raise ValueError(f"{cls.kind} on 1-D latents uses patch_size 1, got {config['patch_size']}")
+        dec = config.get("decoder_hidden_size")
+        if dec is not None and dec != config.get("hidden_size", TransformerConfig.hidden_size):
+            raise ValueError(f"decoder_hidden_size {dec} must equal hidden_size {config.get('hidden_size')}")
+        return cls(cls.config_class(**{k: v for k, v in config.items() if k in known}))
+
+    def to_config(self) -> dict:
+        """The config.json written next to the weights: the original constructor's arguments."""
+        out = asdict(self.config)
+        out.update(vae_1d=True, patch_size=1, license="apache-2.0")
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclass
+class SiTConfig(TransformerConfig):
+    path_type: str = "linear"
+
+
+class SiT(DiffusionTransformer):
+    """Velocity model for flow matching: ``sit(x, t, y) -> v`` with x (B, N, D), t in [0, 1]."""
+
+    kind = "sit"
+    config_class = SiTConfig
+
+    def __init__(self, config: SiTConfig):
+        if config.path_type not in ("linear", "cosine"):
+            raise ValueError(f"path_type must be 'linear' or 'cosine', got {config.path_type!r}")
+        super().__init__(config, out_channels=config.in_channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, t, y)
+        return self.backbone(x, t, y)
+
+    def to_config(self) -> dict:
+        out = super().to_config()
+        out.update(decoder_hidden_size=self.config.hidden_size, use_cfg=self.has_null_class, fused_attn=False)
+        return out
+
+
+@dataclass
+class DiTConfig(TransformerConfig):
+    learn_sigma: bool = True
+
+
+class DiT(DiffusionTransformer):
+    """Noise model for Gaussian diffusion: ``dit(x, t, y) -> (eps, var)`` concatenated on channels.
+
+    With ``learn_sigma`` the last D channels are in [-1, 1] after training and select the
+    log-variance between the posterior variance (-1) and beta_t (+1).
+    """
+
+    kind = "dit"
+    config_class = DiTConfig
+
+    def __init__(self, config: DiTConfig):
+        super().__init__(config, out_channels=config.in_channels * (2 if config.learn_sigma else 1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, t, y)
+        if t.is_floating_point():
+            raise ValueError(f"DiT takes integer timesteps in [0, 1000), got dtype {t.dtype}")
+        return self.backbone(x, t, y)
+
+
+# Sizes of the original SiT / DiT families (depth, hidden size, heads); all use patch 1 on 1-D latents.
+SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
+
+def build_preset(name: str, *, input_size: int, in_channels: int, num_classes: int = 1000, **overrides):
+    """Build ``SiT-XL/1``, ``DiT-B/1`` ... for latents of ``input_size`` tokens x ``in_channels``."""
+    family, _, size = name.partition("-")
+    size, _, patch = size.partition("/")
+    classes = {"SiT": SiT, "DiT": DiT}
+    if family not in classes or size not in SIZES or patch != "1":
+        valid = [f"{f}-{s}/1" for f in classes for s in SIZES]
+        raise ValueError(f"unknown generator preset {name!r}; choose one of {valid}")
+    depth, hidden, heads = SIZES[size]
+    cls = classes[family]
+    cfg = dict(input_size=input_size, in_channels=in_channels, hidden_size=hidden, depth=depth,
+               num_heads=heads, num_classes=num_classes)
+    cfg.update(overrides)
+    return cls.from_config(cfg)
