@@ -217,16 +217,25 @@ class DiffusionTransformer(nn.Module):
         dec = config.get("decoder_hidden_size")
         if dec is not None and dec != config.get("hidden_size", TransformerConfig.hidden_size):
             raise ValueError(f"decoder_hidden_size {dec} must equal hidden_size {config.get('hidden_size')}")
-        return cls(cls.config_class(**{k: v for k, v in config.items() if k in known}))
+        model = cls(cls.config_class(**{k: v for k, v in config.items() if k in known}))
+        # Hub metadata and inert flags are written back unchanged by save_pretrained.
+        model.extra_config = {k: v for k, v in config.items() if k not in known}
+        return model
 
     def to_config(self) -> dict:
         """The config.json written next to the weights: the original constructor's arguments."""
-        out = asdict(self.config)
-        out.update(vae_1d=True, patch_size=1, license="apache-2.0")
+        out = dict(getattr(self, "extra_config", {}))
+        out.update(asdict(self.config), vae_1d=True, patch_size=1)
+        out.setdefault("license", "apache-2.0")
         return out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, folder):
+        from ctok.hub import save_pretrained
+
+        return save_pretrained(self, folder)
 
 
 @dataclass

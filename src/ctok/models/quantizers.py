@@ -1,0 +1,83 @@
+"""SoftVQ: a differentiable soft vector quantizer over grouped codebooks.
+
+The N latent tokens are split into ``num_codebooks`` contiguous groups; group g is quantized
+with codebook C_g. With tokens and codewords L2-normalised,
+
+    p = softmax(z . C_g^T / tau),    z_q = p . C_g
+
+The codebook is detached inside the logits, so it learns only through z_q. Training adds an
+entropy loss that asks each token to be confident (low per-sample entropy) while the batch uses
+many codes (high entropy of the average assignment).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+USAGE_HISTORY = 65536  # argmax codes remembered per codebook for the usage statistic
+
+
+def entropy_loss(logits: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
+    """Mean per-row entropy minus the entropy of the mean distribution, at ``temperature``.
+
+    ``logits`` (rows, K). Minimising it makes each assignment sharp and the average one flat.
+    """
+    scaled = logits.reshape(-1, logits.shape[-1]) / temperature
+    probs = F.softmax(scaled, dim=-1)
+    sample_entropy = -(probs * F.log_softmax(scaled, dim=-1)).sum(-1).mean()
+    avg = probs.mean(0)
+    avg_entropy = -(avg * torch.log(avg + 1e-6)).sum()
+    return sample_entropy - avg_entropy
+
+
+@dataclass
+class QuantizerOutput:
+    z_q: torch.Tensor
+    entropy_loss: torch.Tensor
+    codebook_usage: float
+
+
+class SoftVectorQuantizer(nn.Module):
+    def __init__(self, codebook_size: int, dim: int, num_codebooks: int = 1, tau: float = 0.07,
+                 l2_norm: bool = True, entropy_loss_ratio: float = 0.0):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.dim = dim
+        self.num_codebooks = num_codebooks
+        self.tau = tau
+        self.l2_norm = l2_norm
+        self.entropy_loss_ratio = entropy_loss_ratio
+        embedding = torch.empty(num_codebooks, codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size)
+        self.embedding = nn.Parameter(F.normalize(embedding, dim=-1) if l2_norm else embedding)
+        # Recent argmax codes per codebook; saved in the released checkpoints, so kept as a buffer.
+        self.register_buffer("codebook_used", torch.zeros(num_codebooks, USAGE_HISTORY))
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        b, n, d = z.shape
+        if n % self.num_codebooks:
+            raise ValueError(f"{n} latent tokens cannot be split into {self.num_codebooks} codebook groups")
+        groups = z.view(b, self.num_codebooks, n // self.num_codebooks, d).transpose(0, 1)  # (G, B, n/G, d)
+        codebook = F.normalize(self.embedding, dim=-1) if self.l2_norm else self.embedding
+        if self.l2_norm:
+            groups = F.normalize(groups, dim=-1)
+        logits = torch.einsum("gbnd,gkd->gbnk", groups, codebook.detach())
+        probs = F.softmax(logits / self.tau, dim=-1)
+        z_q = torch.einsum("gbnk,gkd->gbnd", probs, codebook).transpose(0, 1).reshape(b, n, d)
+        loss = z.new_zeros(())
+        usage = 0.0
+        if self.training:
+            if self.entropy_loss_ratio > 0:
+                loss = self.entropy_loss_ratio * entropy_loss(logits)
+            usage = self._track_usage(probs.argmax(-1).flatten(1))
+        return QuantizerOutput(z_q, loss, usage)
+
+    @torch.no_grad()
+    def _track_usage(self, codes: torch.Tensor) -> float:
+        """Append this batch's codes (G, M) to the history; return the share of codes seen in it."""
+        keep = min(codes.shape[1], USAGE_HISTORY)
+        self.codebook_used.copy_(torch.cat([self.codebook_used, codes[:, -keep:].float()], dim=1)[:, -USAGE_HISTORY:])
+        seen = [torch.unique(row).numel() / self.codebook_size for row in self.codebook_used]
+        return sum(seen) / len(seen)

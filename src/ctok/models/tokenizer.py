@@ -1,0 +1,298 @@
+"""The 1-D tokenizers: SoftVQ-VAE and MAETok, one model with two settings.
+
+    encode:  image -> ViT encoder -> latent tokens -> Linear (width -> D) [-> SoftVQ] -> z (B, N, D)
+    decode:  z -> Linear (D -> width) -> ViT decoder (mask tokens read the latents) -> image
+
+SoftVQ-VAE soft-quantizes z over grouped codebooks; MAETok uses no quantizer and trains its
+encoder with mask modelling (a share of patches replaced by a mask token) and a MoVQ decoder.
+
+The configuration is the flat field list the released ``config.json`` files carry (see
+:class:`TokenizerConfig`); fields that only mattered to the original training script are kept
+for the round trip but change nothing here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from scipy.stats import truncnorm
+
+from ctok.models.quantizers import SoftVectorQuantizer
+from ctok.models.vit import ViTDecoder, ViTEncoder, parse_vit_name
+from ctok.validation import check_tensor
+
+KINDS = ("softvq", "maetok")
+
+
+@dataclass
+class TokenizerConfig:
+    """Fields of the released tokenizer config.json that define the computation."""
+
+    image_size: int = 256
+    base_image_size: int = 256
+    encoder_model: str = "vit_base_patch14_dinov2.lvd142m"
+    decoder_model: str = "vit_base_patch14_dinov2.lvd142m"
+    enc_patch_size: int = 16
+    dec_patch_size: int = 16
+    num_latent_tokens: int = 64
+    codebook_embed_dim: int = 32  # latent width D
+    codebook_size: int = 8192
+    num_codebooks: int = 4
+    codebook_l2_norm: bool = True
+    tau: float = 0.07
+    entropy_loss_ratio: float = 0.01
+    enc_token_drop: float = 0.0  # MAETok: lowest mask ratio (0 disables mask modelling)
+    enc_token_drop_max: float = 0.6  # MAETok: highest mask ratio (and the mode of its distribution)
+    enc_drop_path_rate: float = 0.0
+    dec_drop_path_rate: float = 0.0
+    dec_cls_token: bool = True
+    use_ape: bool = True
+    use_rope: bool = False
+    rope_mixed: bool = False
+    rope_theta: float = 10.0
+    vq_mean: float = 0.0
+    vq_std: float = 1.0
+    # Everything else the config.json held, written back unchanged by save_pretrained.
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+# Keys whose value must be the one ctok implements; anything else would compute another function.
+_REQUIRED = {"enc_type": "vit", "dec_type": "vit", "to_pixel": "linear",
+             "enc_tuning_method": "full", "dec_tuning_method": "full"}
+
+
+def tokenizer_kind(config: dict) -> str:
+    """SoftVQ or MAETok, from a config dict.
+
+    An explicit ``tokenizer_kind`` wins (ctok writes it). Released configs carry none: MAETok's
+    config dataclass has the auxiliary-decoder fields (``aux_*``) and SoftVQ's has not.
+    """
+    kind = config.get("tokenizer_kind")
+    if kind is None:
+        kind = "maetok" if any(k.startswith("aux_") for k in config) else "softvq"
+    if kind not in KINDS:
+        raise ValueError(f"tokenizer_kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def config_from_dict(config: dict) -> tuple[str, TokenizerConfig]:
+    for key, value in _REQUIRED.items():
+        if key in config and config[key] != value:
+            raise ValueError(f"tokenizer config has {key}={config[key]!r}; ctok implements {key}={value!r} only")
+    if config.get("use_rope") and not config.get("rope_mixed"):
+        raise ValueError("use_rope without rope_mixed (axial RoPE) is not supported: the released models use RoPE-Mixed")
+    names = {f.name for f in dataclasses.fields(TokenizerConfig)} - {"extra"}
+    known = {k: v for k, v in config.items() if k in names}
+    extra = {k: v for k, v in config.items() if k not in names and k != "tokenizer_kind"}
+    return tokenizer_kind(config), TokenizerConfig(**known, extra=extra)
+
+
+@dataclass
+class TrainingOutput:
+    """What one training forward pass gives the losses."""
+
+    rec: torch.Tensor  # reconstruction (B, 3, H, W)
+    z: torch.Tensor  # latents the decoder saw (B, N, D)
+    mask: torch.Tensor | None  # (B, num_patches), True = masked patch; None without masking
+    entropy_loss: torch.Tensor  # SoftVQ's weighted entropy loss (0 for MAETok)
+    codebook_usage: float  # SoftVQ: share of codes used recently (0 for MAETok)
+
+
+class Tokenizer(nn.Module):
+    """``tok.encode(x) -> z`` for images in [-1, 1], ``tok.decode(z) -> images``."""
+
+    def __init__(self, config: TokenizerConfig, kind: str = "softvq"):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        c = config
+        for name, size, patch in (("image_size", c.image_size, c.enc_patch_size),
+                                  ("image_size", c.image_size, c.dec_patch_size)):
+            if size % patch:
+                raise ValueError(f"{name} {size} is not divisible by the patch size {patch}")
+        self.config = config
+        self.kind = kind
+        enc_size, enc_movq = parse_vit_name(c.encoder_model)
+        dec_size, dec_movq = parse_vit_name(c.decoder_model)
+        if enc_movq:
+            raise ValueError(f"encoder_model {c.encoder_model!r}: MoVQ blocks exist only in decoders")
+        rope_theta = c.rope_theta if c.use_rope else None
+        self.encoder = ViTEncoder(
+            image_size=c.image_size, patch_size=c.enc_patch_size, size=enc_size,
+            num_latent_tokens=c.num_latent_tokens, rope_theta=rope_theta, base_image_size=c.base_image_size,
+            mask_token=c.enc_token_drop > 0, drop_path_rate=c.enc_drop_path_rate,
+        )
+        self.quant_conv = nn.Linear(enc_size.width, c.codebook_embed_dim)
+        self.quantize = (
+            SoftVectorQuantizer(c.codebook_size, c.codebook_embed_dim, c.num_codebooks, c.tau,
+                                c.codebook_l2_norm, c.entropy_loss_ratio)
+            if kind == "softvq" else None
+        )
+        self.post_quant_conv = nn.Linear(c.codebook_embed_dim, dec_size.width)
+        # RoPE replaces the decoder's absolute positions; the encoder keeps both (see ViTEncoder).
+        self.decoder = ViTDecoder(
+            image_size=c.image_size, patch_size=c.dec_patch_size, size=dec_size,
+            num_latent_tokens=c.num_latent_tokens, latent_dim=c.codebook_embed_dim, movq=dec_movq,
+            class_token=c.dec_cls_token, use_ape=not c.use_rope, rope_theta=rope_theta,
+            base_image_size=c.base_image_size, drop_path_rate=c.dec_drop_path_rate,
+        )
+        if c.enc_token_drop > 0:
+            lo, hi = c.enc_token_drop, c.enc_token_drop_max
+            # One ratio per step, truncated normal on [lo, hi] peaked at hi (scale 0.25), as published.
+            self._mask_ratio_dist = truncnorm((lo - hi) / 0.25, 0.0, loc=hi, scale=0.25)
+
+    # -- shapes --------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_latent_tokens
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.codebook_embed_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.config.image_size // self.config.enc_patch_size) ** 2
+
+    # -- inference API -------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, N, D); for SoftVQ the soft-quantized ones."""
+        s = self.config.image_size
+        check_tensor("images", x, (None, 3, s, s))
+        return self._encode(x, mask=None)[0]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, N, D), as ``encode`` returns them (not normalised) -> images (B, 3, H, W)."""
+        check_tensor("latents", z, (None, self.num_tokens, self.latent_dim))
+        return self.decoder(self.post_quant_conv(z), z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> the unit-scale space the diffusion models work in: (z - vq_mean) / vq_std."""
+        return (z - self.config.vq_mean) / self.config.vq_std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.config.vq_std + self.config.vq_mean
+
+    def _encode(self, x: torch.Tensor, mask: torch.Tensor | None):
+        z = self.quant_conv(self.encoder(x, mask))
+        if self.quantize is None:
+            return z, z.new_zeros(()), 0.0
+        out = self.quantize(z)
+        return out.z_q, out.entropy_loss, out.codebook_usage
+
+    # -- training API --------------------------------------------------------------------------
+    @property
+    def masks_tokens(self) -> bool:
+        return self.encoder.mask_token is not None
+
+    def sample_mask_ratio(self) -> float:
+        """A mask ratio from the published distribution, drawn through torch's RNG (so resumable)."""
+        u = float(torch.rand(()))
+        return float(self._mask_ratio_dist.ppf(u))
+
+    def random_mask(self, batch: int, ratio: float, device) -> torch.Tensor:
+        """(batch, num_patches) bool, each row masking round(ratio * num_patches) random patches."""
+        n = self.num_patches
+        k = int(round(ratio * n))
+        order = torch.rand(batch, n, device=device).argsort(dim=1)
+        return order < k if k else torch.zeros(batch, n, dtype=torch.bool, device=device)
+
+    def training_forward(self, x: torch.Tensor, mask_ratio: float | None = None) -> TrainingOutput:
+        """Encode (with mask modelling when enabled and in train mode) and decode.
+
+        ``mask_ratio`` None draws it from the published distribution; a number fixes it (the
+        decoder fine-tuning stage anneals it to 0).
+        """
+        mask = None
+        if self.masks_tokens and self.training:
+            ratio = self.sample_mask_ratio() if mask_ratio is None else mask_ratio
+            if ratio > 0:
+                mask = self.random_mask(x.shape[0], ratio, x.device)
+        z, ent, usage = self._encode(x, mask)
+        rec = self.decoder(self.post_quant_conv(z), z)
+        return TrainingOutput(rec, z, mask, ent, usage)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's final weight, whose gradients set the adaptive GAN weight."""
+        return self.decoder.to_pixel.model.weight
+
+    # -- configuration and files ---------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict) -> "Tokenizer":
+        kind, cfg = config_from_dict(config)
+        return cls(cfg, kind)
+
+    def to_config(self) -> dict:
+        out = dict(self.config.extra)
+        out.update({k: v for k, v in dataclasses.asdict(self.config).items() if k != "extra"})
+        out.update(_REQUIRED, tokenizer_kind=self.kind)
+        return dict(sorted(out.items()))
+
+    def identity(self) -> str:
+        """A short fingerprint of config and weights, stored with everything made from this tokenizer."""
+        h = hashlib.sha256(json.dumps(self.to_config(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            if name.endswith("codebook_used"):  # a training statistic, not part of the function
+                continue
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+        return f"{self.kind}-{self.num_tokens}x{self.latent_dim}-{h.hexdigest()[:16]}"
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        from ctok.hub import save_pretrained
+
+        return save_pretrained(self, folder)
+
+
+# Released model families. Values not given by REFERENCE.md (vq_mean / vq_std of most models) are
+# left at 0 / 1: the hub config of a released checkpoint always overrides a preset.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "softvq-b-64": dict(encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_base_patch14_dinov2.lvd142m",
+                        num_latent_tokens=64, codebook_embed_dim=32),
+    "softvq-bl-64": dict(encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_large_patch14_dinov2.lvd142m",
+                         num_latent_tokens=64, codebook_embed_dim=32, vq_mean=-0.00077168207, vq_std=0.07157949),
+    "softvq-l-64": dict(encoder_model="vit_large_patch14_dinov2.lvd142m", decoder_model="vit_large_patch14_dinov2.lvd142m",
+                        num_latent_tokens=64, codebook_embed_dim=32),
+    "softvq-b-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_base_patch14_dinov2.lvd142m",
+                        num_latent_tokens=32, codebook_embed_dim=64),
+    "softvq-bl-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_large_patch14_dinov2.lvd142m",
+                         num_latent_tokens=32, codebook_embed_dim=64),
+    # The released softvq-l-32 config names a ViT-B encoder and a ViT-L decoder.
+    "softvq-l-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_large_patch14_dinov2.lvd142m",
+                        num_latent_tokens=32, codebook_embed_dim=64, vq_mean=0.00060894643, vq_std=0.029030401),
+    "maetok-b-128": dict(tokenizer_kind="maetok", encoder_model="vit_base_patch14_dinov2.lvd142m",
+                         decoder_model="vit_base_patch14_dinov2_movqv2", num_latent_tokens=128, codebook_embed_dim=32,
+                         use_ape=False, use_rope=True, rope_mixed=True, rope_theta=10.0, dec_cls_token=False,
+                         enc_token_drop=0.4, enc_token_drop_max=0.6, entropy_loss_ratio=0.0),
+}
+PRESET_NAMES = tuple(_PRESETS) + tuple(f"{name}-512" for name in _PRESETS)
+
+
+def preset_config(name: str, **overrides) -> dict:
+    """Config dict of a released tokenizer family (``maetok-b-128``, ``softvq-l-64-512`` ...)."""
+    base, size = (name[:-4], 512) if name.endswith("-512") else (name, 256)
+    if base not in _PRESETS:
+        raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {list(PRESET_NAMES)}")
+    config = {"image_size": size, "base_image_size": 256, "tokenizer_kind": "softvq"}
+    config.update(_PRESETS[base])
+    config.update(overrides)
+    return config
+
+
+def build_preset(name: str, **overrides) -> Tokenizer:
+    return Tokenizer.from_config(preset_config(name, **overrides))
+
