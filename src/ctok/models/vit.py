@@ -120,9 +120,6 @@ class MoVQBlock(nn.Module):
         self.mlp = Mlp(dim, 4 * dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(latent_dim, 4 * dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        # Zero modulation at start: latent positions begin as plain (scale 0) normalised tokens.
-        nn.init.zeros_(self.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor, rope: RopeArgs | None = None):
         shift1, scale1, shift2, scale2 = self.adaLN_modulation(latents).chunk(4, dim=-1)
@@ -135,8 +132,6 @@ class MoVQNorm(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(latent_dim, 2 * dim))
-        nn.init.zeros_(self.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(latents).chunk(2, dim=-1)
@@ -157,7 +152,7 @@ class ViTBackbone(nn.Module):
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, size.width)) if class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, size.width) * 0.02)
-        rates = torch.linspace(0, drop_path_rate, size.depth).tolist()
+        rates = [drop_path_rate * i / max(size.depth - 1, 1) for i in range(size.depth)]
         if movq_latent_dim is None:
             self.blocks = nn.ModuleList(Block(size.width, size.num_heads, r) for r in rates)
             self.norm = nn.LayerNorm(size.width, eps=1e-6)
@@ -167,6 +162,11 @@ class ViTBackbone(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(_init_linear)
+        # MoVQ modulations start at zero: latent positions begin as plain normalised tokens.
+        for module in self.modules():
+            if hasattr(module, "adaLN_modulation"):
+                nn.init.zeros_(module.adaLN_modulation[-1].weight)
+                nn.init.zeros_(module.adaLN_modulation[-1].bias)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -179,7 +179,7 @@ class ViTBackbone(nn.Module):
 
 
 def _init_linear(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear) and module.weight.abs().sum() > 0:  # keep zero-initialised modulations
+    if isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
