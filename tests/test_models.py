@@ -7,7 +7,8 @@ from ctok.models.tokenizer import PRESET_NAMES, Tokenizer, preset_config
 
 TINY_MAETOK = dict(tokenizer_kind="maetok", image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
                    decoder_model="vit_tiny_patch14_dinov2_movqv2", num_latent_tokens=8, codebook_embed_dim=4,
-                   use_ape=False, use_rope=True, rope_mixed=True, dec_cls_token=False, enc_token_drop=0.4)
+                   use_ape=False, use_rope=True, rope_mixed=True, dec_cls_token=False, enc_token_drop=0.4,
+                   encoder_size=[64, 2, 2], decoder_size=[32, 1, 2])
 
 
 def _count(model):
@@ -50,6 +51,7 @@ def test_tokenizer_shapes_and_normalisation(tiny):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     z = tiny.encode(x)
     assert z.shape == (2, 8, 4) and tiny.decode(z).shape == (2, 3, 32, 32)
+    assert len(tiny.encoder.model.blocks) == 2 and tiny.decoder.model.blocks[0].attn.qkv.in_features == 32
     tiny.config.vq_mean, tiny.config.vq_std = 0.5, 2.0
     assert torch.allclose(tiny.denormalize(tiny.normalize(z)), z, atol=1e-6)
     assert torch.allclose(tiny.normalize(z), (z - 0.5) / 2.0)
@@ -79,6 +81,8 @@ def test_config_errors_name_the_problem():
         Tokenizer.from_config({**TINY_MAETOK, "dec_type": "cnn"})
     with pytest.raises(ValueError, match="unsupported ViT 'vit_huge"):
         Tokenizer.from_config({**TINY_MAETOK, "encoder_model": "vit_huge_patch14_dinov2"})
+    with pytest.raises(ValueError, match=r"\[width, depth, heads\] with width divisible by heads, got \[30, 1, 4\]"):
+        Tokenizer.from_config({**TINY_MAETOK, "decoder_size": [30, 1, 4]})
     with pytest.raises(ValueError, match="axial RoPE"):
         Tokenizer.from_config({**TINY_MAETOK, "rope_mixed": False})
 

@@ -58,6 +58,10 @@ class TokenizerConfig:
     rope_theta: float = 10.0
     vq_mean: float = 0.0
     vq_std: float = 1.0
+    # ctok's own: [width, depth, heads] overriding what encoder_model / decoder_model imply,
+    # for models smaller than the DINOv2 family (tests, the CPU demo).
+    encoder_size: list | None = None
+    decoder_size: list | None = None
     # Everything else the config.json held, written back unchanged by save_pretrained.
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -118,8 +122,8 @@ class Tokenizer(nn.Module):
                 raise ValueError(f"{name} {size} is not divisible by the patch size {patch}")
         self.config = config
         self.kind = kind
-        enc_size, enc_movq = parse_vit_name(c.encoder_model)
-        dec_size, dec_movq = parse_vit_name(c.decoder_model)
+        enc_size, enc_movq = parse_vit_name(c.encoder_model, c.encoder_size)
+        dec_size, dec_movq = parse_vit_name(c.decoder_model, c.decoder_size)
         if enc_movq:
             raise ValueError(f"encoder_model {c.encoder_model!r}: MoVQ blocks exist only in decoders")
         rope_theta = c.rope_theta if c.use_rope else None
@@ -238,7 +242,8 @@ class Tokenizer(nn.Module):
 
     def to_config(self) -> dict:
         out = dict(self.config.extra)
-        out.update({k: v for k, v in dataclasses.asdict(self.config).items() if k != "extra"})
+        out.update({k: v for k, v in dataclasses.asdict(self.config).items()
+                    if k != "extra" and (v is not None or k not in ("encoder_size", "decoder_size"))})
         out.update(_REQUIRED, tokenizer_kind=self.kind)
         return dict(sorted(out.items()))
 

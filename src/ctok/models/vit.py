@@ -46,15 +46,23 @@ VIT_SIZES = {
 _NAME = re.compile(r"^vit_(?P<size>tiny|small|base|large)_patch14_dinov2(?P<movq>_movq(v2)?)?(\.lvd142m)?$")
 
 
-def parse_vit_name(name: str) -> tuple[ViTSize, bool]:
-    """(size, uses MoVQ blocks) of a model name such as ``vit_base_patch14_dinov2_movqv2``."""
+def parse_vit_name(name: str, override: list | tuple | None = None) -> tuple[ViTSize, bool]:
+    """(size, uses MoVQ blocks) of a model name such as ``vit_base_patch14_dinov2_movqv2``.
+
+    ``override`` ([width, depth, heads]) replaces the size the name implies.
+    """
     match = _NAME.match(name)
     if match is None:
         raise ValueError(
             f"unsupported ViT {name!r}: ctok builds vit_{{tiny,small,base,large}}_patch14_dinov2[.lvd142m] "
             "and their _movqv2 decoder variants"
         )
-    return VIT_SIZES[match["size"]], match["movq"] is not None
+    size = VIT_SIZES[match["size"]]
+    if override is not None:
+        if len(override) != 3 or override[0] % override[2]:
+            raise ValueError(f"a ViT size override is [width, depth, heads] with width divisible by heads, got {override}")
+        size = ViTSize(*(int(v) for v in override))
+    return size, match["movq"] is not None
 
 
 RopeArgs = tuple[torch.Tensor, torch.Tensor, int, int]  # cos, sin, first and last+1 rotated position
