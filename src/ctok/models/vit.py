@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
 
-from ctok.models.rope import apply_rotation, grid_positions, init_mixed_frequencies, rotation_angles
+from ctok.models.rope import apply_rotation, grid_positions, init_mixed_frequencies, rotation_angles, rotation_tables
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def parse_vit_name(name: str, override: list | tuple | None = None) -> tuple[ViT
     return size, match["movq"] is not None
 
 
-RopeArgs = tuple[torch.Tensor, torch.Tensor, int, int]  # cos, sin, first and last+1 rotated position
+RopeArgs = tuple[torch.Tensor, torch.Tensor]  # one layer's (mul, swap_mul) tables, see rope.rotation_tables
 
 
 class Attention(nn.Module):
@@ -80,14 +80,16 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
-            q, k = _rotate_span(q, rope), _rotate_span(k, rope)
+            q, k = apply_rotation(q, *rope), apply_rotation(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
-def _rotate_span(x: torch.Tensor, rope: RopeArgs) -> torch.Tensor:
-    cos, sin, start, stop = rope
-    return torch.cat([x[:, :, :start], apply_rotation(x[:, :, start:stop], cos, sin), x[:, :, stop:]], dim=2)
+def _add_scaled(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, drop_path: nn.Module) -> torch.Tensor:
+    """x + drop_path(y * gamma), as one fused kernel when there is no drop path (inference)."""
+    if isinstance(drop_path, nn.Identity):
+        return torch.addcmul(x, y, gamma)
+    return x + drop_path(y * gamma)
 
 
 class Block(nn.Module):
@@ -104,8 +106,8 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor | None = None, rope: RopeArgs | None = None):
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), rope)))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = _add_scaled(x, self.attn(self.norm1(x), rope), self.ls1.gamma, self.drop_path)
+        return _add_scaled(x, self.mlp(self.norm2(x)), self.ls2.gamma, self.drop_path)
 
 
 def _modulate_tail(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -114,7 +116,10 @@ def _modulate_tail(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) ->
     The modulation is ``h * scale + shift`` (not ``1 + scale``): the released weights use it so.
     """
     n = shift.shape[1]
-    return torch.cat([h[:, :-n], h[:, -n:] * scale + shift], dim=1)
+    # Written into h (a fresh norm output) instead of concatenating a new sequence; the tail is
+    # cloned because autograd keeps it for the gradient of ``scale``.
+    h[:, -n:] = torch.addcmul(shift, h[:, -n:].clone(), scale)
+    return h
 
 
 class MoVQBlock(nn.Module):
@@ -218,13 +223,12 @@ class LatentViT(nn.Module):
             self.register_buffer("freqs_t_x", pos_x)
             self.register_buffer("freqs_t_y", pos_y)
 
-    def _rope_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_angles(self) -> torch.Tensor:
         if self.freqs_t_x.shape[0] == self.grid * self.grid:
             pos_x, pos_y = self.freqs_t_x, self.freqs_t_y
         else:  # trained at base_image_size: positions are those of the actual grid
             pos_x, pos_y = (p.to(self.freqs.device) for p in grid_positions(self.grid, self.grid))
-        angles = rotation_angles(self.freqs, pos_x, pos_y, self.num_heads)
-        return angles.cos(), angles.sin()
+        return rotation_angles(self.freqs, pos_x, pos_y, self.num_heads)
 
     def run_blocks(self, x: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
         """The block stack; RoPE (if any) rotates the image tokens, which follow the prefix tokens."""
@@ -232,11 +236,9 @@ class LatentViT(nn.Module):
             for block in self.model.blocks:
                 x = block(x, latents)
             return x
-        cos, sin = self._rope_cos_sin()
-        start = self.model.num_prefix_tokens
-        stop = start + self.grid * self.grid
+        mul, swap_mul = rotation_tables(self._rope_angles(), self.model.num_prefix_tokens, x.shape[1], x.dtype)
         for i, block in enumerate(self.model.blocks):
-            x = block(x, latents, (cos[i], sin[i], start, stop))
+            x = block(x, latents, (mul[i], swap_mul[i]))
         return x
 
 
