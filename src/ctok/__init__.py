@@ -19,6 +19,7 @@ _API = {
     "DiT": "ctok.models.diffusion_transformer",
     "sample_sit": "ctok.sampling.flow",
     "sample_dit": "ctok.sampling.gaussian_diffusion",
+    "GaussianDiffusion": "ctok.sampling.gaussian_diffusion",
 }
 
 __all__ = sorted(_API)

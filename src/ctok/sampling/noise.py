@@ -1,0 +1,34 @@
+"""Gaussian noise for samplers, drawn either from one stream or from one stream per sample.
+
+A per-sample stream makes a sample's noise independent of which other samples share its batch,
+which is what lets ``ctok generate`` give image i the same pixels however the work is split.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def check_generators(generator: Generators, batch: int, device: torch.device) -> None:
+    """Raise ValueError unless ``generator`` is None, one generator, or one per sample, on ``device``."""
+    if generator is None:
+        return
+    gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
+    if not isinstance(generator, torch.Generator) and len(gens) != batch:
+        raise ValueError(f"generator must be one torch.Generator or a list of {batch} (one per sample), "
+                         f"got a list of {len(gens)}")
+    for g in gens:
+        if not isinstance(g, torch.Generator):
+            raise ValueError(f"generator entries must be torch.Generator, got {type(g).__name__}")
+        if g.device.type != device.type:
+            raise ValueError(f"generator is on {g.device.type} but the samples are on {device.type}")
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise of ``shape``; with a generator list, row i comes from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])

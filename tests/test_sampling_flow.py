@@ -1,0 +1,224 @@
+"""SiT sampling: the original's ODE/SDE samplers, checked against its outputs and against exact solutions."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import assert_conforms, conformance_case
+from ctok.models.diffusion_transformer import SiT
+from ctok.sampling import sample_sit
+
+
+@pytest.fixture(scope="module")
+def sit_small():
+    config, state, io = conformance_case("sit_small")
+    model = SiT.from_config(config)
+    model.load_state_dict(state)
+    return model.eval(), io
+
+
+class GaussianFlow(torch.nn.Module):
+    """The exact velocity field that carries N(0, I) at t = 1 to N(means[y], std^2 I) at t = 0.
+
+    For x_t = a_t x_0 + s_t eps with Gaussian x_0 the posterior means are linear in x_t, so
+    ``v = a'_t E[x_0 | x_t] + s'_t E[eps | x_t]`` is known in closed form for every class.
+    Row ``num_classes`` of ``means`` is the null class.
+    """
+
+    def __init__(self, means: torch.Tensor, std: float, path_type: str = "linear"):
+        super().__init__()
+        self.register_buffer("means", means.double())
+        self.std = std
+        self.num_classes = means.shape[0] - 1
+        self.has_null_class = True
+        self.num_tokens, self.in_channels = means.shape[1:]
+        self.config = SimpleNamespace(path_type=path_type)
+        # Only its dtype matters: the sampler casts the model's inputs to it.
+        self.anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x, t, y):
+        a, da, s, ds = path(t.double().view(-1, 1, 1), self.config.path_type)
+        mu = self.means[y]
+        var = a**2 * self.std**2 + s**2
+        x0 = mu + a * self.std**2 / var * (x - a * mu)
+        eps = s / var * (x - a * mu)
+        return da * x0 + ds * eps
+
+
+def path(t, path_type):
+    """(a, a', s, s') of the linear or cosine interpolation, for floats or tensors."""
+    if path_type == "linear":
+        return 1 - t, -1.0, t, 1.0
+    h = math.pi / 2
+    sin, cos = (torch.sin, torch.cos) if torch.is_tensor(t) else (math.sin, math.cos)
+    return cos(h * t), -h * sin(h * t), sin(h * t), h * cos(h * t)
+
+
+# -- conformance with the original samplers -------------------------------------------------
+
+@pytest.mark.parametrize("key, kwargs", [
+    ("euler_8", dict(solver="euler")),
+    ("heun_8", dict(solver="heun")),
+    ("euler_8_cfg2.5_high0.7", dict(solver="euler", cfg_scale=2.5, guidance_interval=(0.0, 0.7))),
+])
+def test_ode_samplers_match_the_original(sit_small, key, kwargs):
+    model, io = sit_small
+    out = sample_sit(model, io["noise"], io["labels"], num_steps=8, **kwargs)
+    assert out.dtype == io["noise"].dtype
+    assert_conforms(out, io[key], key)
+
+
+@torch.no_grad()
+def test_heun_with_a_guidance_interval_matches_a_hand_unrolled_solve(sit_small):
+    """3 steps t = 1, 2/3, 1/3 -> 0, guidance 3.0 on [0.5, 0.9]: the first step is unguided, the
+    second is guided (its corrector at t = 1/3 too, though 1/3 is outside), the last is a plain
+    unguided Euler step. Each forward is made separately here, cond and null apart."""
+    model, io = sit_small
+    x, y = io["noise"].double(), io["labels"]
+    null = torch.full_like(y, model.num_classes)
+
+    def v(x, t, labels):
+        return model(x.float(), torch.full((len(y),), t), labels).double()
+
+    def guided(x, t):
+        return v(x, t, null) + 3.0 * (v(x, t, y) - v(x, t, null))
+
+    h = -1 / 3
+    pred = x + h * v(x, 1.0, y)
+    x = x + h * 0.5 * (v(x, 1.0, y) + v(pred, 2 / 3, y))
+    pred = x + h * guided(x, 2 / 3)
+    x = x + h * 0.5 * (guided(x, 2 / 3) + guided(pred, 1 / 3))
+    x = x + h * v(x, 1 / 3, y)
+
+    out = sample_sit(model, io["noise"], y, num_steps=3, solver="heun", cfg_scale=3.0, guidance_interval=(0.5, 0.9))
+    assert_conforms(out, x, "heun 3 steps, guided on [0.5, 0.9]")
+
+
+@torch.no_grad()
+def test_euler_maruyama_matches_a_hand_unrolled_solve(sit_small):
+    """3 steps: t = 1 -> 0.52 and 0.52 -> 0.04 with noise, then 0.04 -> 0 without. The drift is
+    v + (1 - t) v + x, i.e. v - t * score with the linear path's score -((1 - t) v + x) / t.
+    Guidance 2.0 on [0, 0.6] covers the last two steps."""
+    model, io = sit_small
+    x, y = io["noise"].double(), io["labels"]
+    null = torch.full_like(y, model.num_classes)
+    stream = torch.Generator().manual_seed(7)
+
+    def v(x, t, guide):
+        cond = model(x.float(), torch.full((len(y),), t), y).double()
+        if not guide:
+            return cond
+        uncond = model(x.float(), torch.full((len(y),), t), null).double()
+        return uncond + 2.0 * (cond - uncond)
+
+    for t, t_next, guide in [(1.0, 0.52, False), (0.52, 0.04, True)]:
+        drift = (2 - t) * v(x, t, guide) + x
+        x = x + (t_next - t) * drift + math.sqrt(2 * t) * math.sqrt(t - t_next) * torch.randn(
+            x.shape, generator=stream, dtype=torch.float64)
+    x = x - 0.04 * ((2 - 0.04) * v(x, 0.04, True) + x)
+
+    out = sample_sit(model, io["noise"], y, num_steps=3, solver="euler-maruyama", cfg_scale=2.0,
+                     guidance_interval=(0.0, 0.6), generator=torch.Generator().manual_seed(7))
+    assert_conforms(out, x, "euler-maruyama 3 steps")
+
+
+# -- exact solutions ------------------------------------------------------------------------
+
+def test_ode_solvers_converge_to_the_exact_flow_at_their_order():
+    """For a Gaussian target the flow map is x_0 = mean + std * x_1; Euler's error halves and
+    Heun's quarters when the step count doubles."""
+    torch.manual_seed(0)
+    means = torch.randn(4, 16, 8)
+    model = GaussianFlow(means, std=0.5)
+    noise = torch.randn(32, 16, 8, dtype=torch.float64)
+    labels = torch.arange(32) % 3
+    exact = means[labels].double() + 0.5 * noise
+    for solver, order in [("euler", 1), ("heun", 2)]:
+        errors = [float((sample_sit(model, noise, labels, num_steps=n, solver=solver) - exact).abs().max())
+                  for n in (16, 32, 64)]
+        rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+        assert all(abs(r - order) < 0.2 for r in rates), f"{solver}: errors {errors}, observed orders {rates}"
+    assert errors[-1] < 1e-3
+
+
+def em_chain_moments(mean: float, std: float, num_steps: int, path_type: str) -> tuple[float, float]:
+    """Mean and variance of the Euler-Maruyama chain for one coordinate of the Gaussian target.
+
+    The reverse drift v + t (x - a mean) / var_t (with the Gaussian marginal's true score) is
+    affine in x, so the discretised chain stays Gaussian and its moments follow exactly.
+    """
+    times = torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
+    m, var = 0.0, 1.0
+    for i in range(num_steps):
+        t, dt = times[i], times[i + 1] - times[i]
+        a, da, s, ds = path(t, path_type)
+        marginal_var = a * a * std * std + s * s
+        slope = (da * a * std * std + ds * s) / marginal_var + t / marginal_var
+        offset = da * mean - slope * a * mean
+        m = m + dt * (slope * m + offset)
+        var = (1 + dt * slope) ** 2 * var + (2 * t * -dt if i < num_steps - 1 else 0.0)
+    return m, var
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_euler_maruyama_samples_have_the_moments_of_the_discretised_sde(path_type):
+    """On the exact Gaussian velocity the SDE's samples have the chain's mean and variance (to
+    sampling error), and the chain itself lands near the target N(mean, 0.5^2)."""
+    means = torch.zeros(3, 4, 2)
+    means[0], means[1] = 1.0, -2.0
+    model = GaussianFlow(means, std=0.5, path_type=path_type)
+    n, steps = 4000, 50
+    noise = torch.randn(n, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(n) % 2
+    out = sample_sit(model, noise, labels, num_steps=steps, generator=torch.Generator().manual_seed(2))
+    for label, mean in [(0, 1.0), (1, -2.0)]:
+        samples = out[labels == label]
+        chain_mean, chain_var = em_chain_moments(mean, 0.5, steps, path_type)
+        stderr = math.sqrt(chain_var / samples.numel())
+        assert abs(float(samples.mean()) - chain_mean) < 5 * stderr
+        assert abs(float(samples.var()) / chain_var - 1) < 5 * math.sqrt(2 / samples.numel())
+        # The last noise-free jump from t = 0.04 shrinks the spread a little (about 1%).
+        assert abs(chain_mean - mean) < 0.03 and abs(math.sqrt(chain_var) / 0.5 - 1) < 0.03
+
+
+def test_per_sample_generators_make_a_sample_independent_of_its_batch():
+    model = GaussianFlow(torch.randn(3, 4, 2), std=0.5)
+    noise = torch.randn(3, 4, 2, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0])
+    batch = sample_sit(model, noise, labels, num_steps=10,
+                       generator=[torch.Generator().manual_seed(s) for s in (10, 11, 12)])
+    alone = sample_sit(model, noise[1:2], labels[1:2], num_steps=10, generator=[torch.Generator().manual_seed(11)])
+    assert torch.equal(batch[1:2], alone)
+    assert not torch.equal(batch[0], batch[2])
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def test_bad_arguments_raise_clear_errors(sit_small):
+    model, io = sit_small
+    noise, labels = io["noise"], io["labels"]
+    cases = [
+        (dict(solver="rk4"), "solver must be one of"),
+        (dict(path_type="vp"), "path_type must be one of"),
+        (dict(num_steps=0), "num_steps must be a positive integer"),
+        (dict(cfg_scale=0.5), "cfg_scale must be >= 1"),
+        (dict(guidance_interval=(0.8, 0.2)), "guidance_interval must satisfy"),
+        (dict(generator=[torch.Generator()]), "a list of 2"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sample_sit(model, noise, labels, num_steps=kwargs.pop("num_steps", 2), **kwargs)
+    with pytest.raises(ValueError, match=r"noise must have shape \(B, 16, 8\), got \(2, 16, 4\)"):
+        sample_sit(model, noise[..., :4], labels, num_steps=2)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1000\]"):
+        sample_sit(model, noise, torch.tensor([5, 1001]), num_steps=2)
+
+
+def test_guidance_needs_a_null_class(sit_small):
+    config, state, io = conformance_case("sit_small")
+    model = SiT.from_config({**config, "class_dropout_prob": 0.0}).eval()
+    with pytest.raises(ValueError, match="needs a null class"):
+        sample_sit(model, io["noise"], io["labels"], num_steps=2, cfg_scale=1.5)
