@@ -141,10 +141,12 @@ class TransformerConfig:
     qk_norm: bool = False
 
 
-# Keys that released configs carry but that change nothing in the computation (hub metadata,
-# the attention kernel choice, and flags that are always true for 1-D latents).
+# Keys that configs carry but that change nothing in the network's computation: hub metadata,
+# the attention kernel choice, flags that are always true for 1-D latents, and what ctok's
+# trainer records about the latents (their normalisation and the tokenizer they came from).
 _INERT_KEYS = {"license", "repo_url", "tags", "fused_attn", "flash_attn", "use_cfg", "vae_1d", "patch_size",
-               "decoder_hidden_size", "path_type", "learn_sigma"}
+               "decoder_hidden_size", "path_type", "learn_sigma", "latent_stats", "tokenizer",
+               "noise_schedule"}
 
 
 class DiffusionTransformer(nn.Module):
@@ -190,7 +192,11 @@ class DiffusionTransformer(nn.Module):
             nn.init.zeros_(p)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
-        check_tensor("x", x, (None, self.num_tokens, self.in_channels))
+        if torch.compiler.is_compiling():  # checked once outside the graph; inside it they only break it
+            return
+        # The finite check costs a device sync: inference gets it, training steps (which watch
+        # their loss) do not.
+        check_tensor("x", x, (None, self.num_tokens, self.in_channels), finite=not torch.is_grad_enabled())
         check_tensor("t", t, (x.shape[0],))
         check_batch("t", t, x.shape[0])
         check_labels("y", y, x.shape[0], self.y_embedder.embedding_table.num_embeddings)

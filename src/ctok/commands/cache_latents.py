@@ -1,0 +1,48 @@
+"""``ctok cache-latents``: encode a dataset once into a latent cache (see ctok.latent_cache)."""
+from __future__ import annotations
+
+HELP = "encode a dataset with a tokenizer into sharded latent files for generator training (torchrun-aware)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id")
+    parser.add_argument("--data", required=True,
+                        help="image folder (ImageNet class sub-folders, or flat) or a folder with Fashion-MNIST's files")
+    parser.add_argument("--out", required=True, help="cache folder to write (an interrupted build there is resumed)")
+    parser.add_argument("--flip", action="store_true", help="also store each image's mirror as a second view")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")
+    parser.add_argument("--shard-size", type=int, default=10000, help="images per shard file")
+    parser.add_argument("--num-workers", type=int, default=4, help="data-loading processes per process")
+    parser.add_argument("--limit", type=int, help="encode only the first LIMIT images (small runs, tests)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ctok.hub import load_tokenizer
+    from ctok.latent_cache import build_latent_cache, open_image_dataset
+    from ctok.training.distributed import init_distributed, shutdown_distributed
+
+    for name in ("batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    # A local folder is recorded by its absolute path, so the cache finds it from any working directory.
+    source = str(Path(args.tokenizer).resolve()) if Path(args.tokenizer).is_dir() else args.tokenizer
+    tokenizer = load_tokenizer(source)
+    dataset = open_image_dataset(args.data, tokenizer.image_size)
+    ctx = init_distributed(args.device)
+    try:
+        index = build_latent_cache(tokenizer, dataset, args.out, tokenizer_source=source, ctx=ctx,
+                                   flip=args.flip, batch_size=args.batch_size, shard_size=args.shard_size,
+                                   num_workers=args.num_workers, dataset_source=str(args.data),
+                                   limit=args.limit)
+    finally:
+        shutdown_distributed()
+    if index is not None:
+        info = json.loads(index.read_text())
+        print(f"cached {info['num_samples']} images x {info['num_views']} views of {info['num_tokens']} x "
+              f"{info['latent_dim']} latents in {index.parent}; mean {info['stats']['mean']:.6g}, "
+              f"std {info['stats']['std']:.6g}")
+    return 0

@@ -1,0 +1,270 @@
+"""Latent caches: a dataset encoded once by a tokenizer, stored in shards for generator training.
+
+Encoding ImageNet through a ViT tokenizer costs more than a SiT-XL step on the same batch, and
+the tokenizer is frozen during generator training, so the latents are computed once
+(``ctok cache-latents``) and read back by memory mapping. A cache folder holds::
+
+    shard-00000.latents.npy   float32 (n, V, N, D): V views per image (the image; with --flip also its mirror)
+    shard-00000.labels.npy    int64 (n,)
+    shard-00000.json          sample count and running sums of the latents (written last: the shard is complete)
+    index.json                written when every shard is complete: shapes, shards, statistics, tokenizer
+
+``index.json`` carries the tokenizer's identity (:meth:`Tokenizer.identity`), so that a generator
+trained on these latents is tied to the tokenizer that made them, and the latents' statistics: the
+scalar mean and standard deviation over every stored value (what a generator normalises with when
+the tokenizer's config has no ``vq_mean``/``vq_std``), and per-channel ones for inspection.
+
+Building is sharded: under torchrun, process r encodes shards r, r + W, r + 2W, ...; a shard is
+written atomically, so an interrupted build resumes by encoding only the shards that are missing.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from ctok.training.checkpoint import atomic_write
+from ctok.training.distributed import DistContext, barrier
+
+FORMAT = "ctok-latent-cache"
+VERSION = 1
+INDEX_NAME = "index.json"
+
+
+def open_image_dataset(path: str | Path, image_size: int) -> Dataset:
+    """The images under ``path`` as (image in [-1, 1] (3, S, S), label) pairs.
+
+    A folder with Fashion-MNIST's IDX files gives its training split (32 px); any other folder is
+    read as an image folder (ImageNet class sub-folders, or flat) with ADM's centre crop.
+    """
+    from ctok.data import fashion_mnist
+    from ctok.data.images import ImageFolder
+
+    try:
+        folder = fashion_mnist.find_fashion_mnist(path, download=False)
+    except FileNotFoundError:
+        return ImageFolder(path, image_size, crop="center")
+    if image_size != fashion_mnist.IMAGE_SIZE:
+        raise ValueError(f"Fashion-MNIST images are {fashion_mnist.IMAGE_SIZE} px but the tokenizer takes "
+                         f"{image_size} px images")
+    return fashion_mnist.FashionMNIST("train", folder, download=False)
+
+
+class LatentStatistics:
+    """Running sums of latents (B, N, D), in float64: mean and std overall and per channel."""
+
+    def __init__(self, channels: int):
+        self.count = 0
+        self.channel = np.zeros(channels)
+        self.channel_sq = np.zeros(channels)
+
+    def update(self, z: torch.Tensor) -> None:
+        flat = z.detach().double().reshape(-1, z.shape[-1])
+        self.count += flat.shape[0]
+        self.channel += flat.sum(0).cpu().numpy()
+        self.channel_sq += flat.square().sum(0).cpu().numpy()
+
+    def merge(self, sums: dict) -> None:
+        self.count += sums["count"]
+        self.channel += np.asarray(sums["channel_sum"])
+        self.channel_sq += np.asarray(sums["channel_sum_sq"])
+
+    def sums(self) -> dict:
+        return {"count": self.count, "channel_sum": self.channel.tolist(), "channel_sum_sq": self.channel_sq.tolist()}
+
+    def summary(self) -> dict:
+        """mean = sum / n and std = sqrt(sum_sq / n - mean^2) (population std), overall and per channel."""
+        if self.count == 0:
+            raise ValueError("no latents were seen: statistics of an empty set")
+        n_values = self.count * len(self.channel)
+        mean = float(self.channel.sum()) / n_values
+        channel_mean = self.channel / self.count
+        channel_var = np.maximum(self.channel_sq / self.count - channel_mean**2, 0.0)
+        return {
+            "mean": mean,
+            "std": math.sqrt(max(float(self.channel_sq.sum()) / n_values - mean**2, 0.0)),
+            "channel_mean": channel_mean.tolist(),
+            "channel_std": np.sqrt(channel_var).tolist(),
+            "count": self.count,
+        }
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+@torch.no_grad()
+def build_latent_cache(tokenizer, dataset: Dataset, out: str | Path, *, tokenizer_source: str,
+                       ctx: DistContext, flip: bool = False, batch_size: int = 64, shard_size: int = 10000,
+                       num_workers: int = 4, dataset_source: str = "", limit: int | None = None) -> Path | None:
+    """Encode ``dataset`` (its first ``limit`` images, if given) into a latent cache at ``out``.
+
+    Returns the index path on rank 0 (None elsewhere). Shards already complete in ``out`` (from an
+    interrupted build with the same settings) are kept.
+    """
+    out = Path(out)
+    if (out / INDEX_NAME).exists():
+        raise ValueError(f"{out} already holds a finished latent cache ({INDEX_NAME}); choose another --out")
+    tokenizer = tokenizer.to(ctx.device).eval()
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    settings = {
+        "tokenizer": tokenizer.identity(),
+        "num_views": 2 if flip else 1,
+        "shard_size": shard_size,
+        "dataset_size": total,
+        "dataset": dataset_source,
+    }
+    num_shards = math.ceil(total / shard_size)
+    mine = [i for i in range(num_shards) if i % ctx.world_size == ctx.rank]
+    todo = [i for i in mine if not _shard_complete(out, i, settings)]
+    collate = getattr(dataset, "collate", None)
+    images_todo = sum(min(shard_size, total - i * shard_size) for i in todo)
+    bar = tqdm(total=images_todo, desc=f"encoding (rank {ctx.rank})", unit="img", disable=not ctx.is_main)
+    for index in todo:
+        start = index * shard_size
+        part = Subset(dataset, range(start, min(start + shard_size, total)))
+        loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+        latents, labels, skipped = [], [], []
+        stats = LatentStatistics(tokenizer.latent_dim)
+        for batch in loader:
+            images, y = batch[0].to(ctx.device), batch[1]
+            skipped.extend(getattr(batch, "skipped", ()))
+            views = [tokenizer.encode(images)]
+            if flip:
+                views.append(tokenizer.encode(images.flip(-1)))
+            z = torch.stack(views, dim=1).float()
+            stats.update(z)
+            latents.append(z.cpu().numpy())
+            labels.append(torch.as_tensor(y, dtype=torch.int64).numpy())
+            bar.update(len(y) + len(getattr(batch, "skipped", ())))
+        _write_shard(out, index, np.concatenate(latents), np.concatenate(labels), stats, settings, skipped)
+    bar.close()
+    barrier()
+    if not ctx.is_main:
+        return None
+    return _write_index(out, num_shards, settings, tokenizer, tokenizer_source)
+
+
+def _shard_complete(out: Path, index: int, settings: dict) -> bool:
+    meta_path = out / f"{_shard_name(index)}.json"
+    if not meta_path.exists():
+        return False
+    meta = json.loads(meta_path.read_text())
+    if meta["settings"] != settings:
+        changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
+        raise ValueError(f"{out} holds shards of another build (different {', '.join(changed)}); "
+                         "finish it with the same settings or choose another --out")
+    return True
+
+
+def _write_shard(out: Path, index: int, latents: np.ndarray, labels: np.ndarray, stats: LatentStatistics,
+                 settings: dict, skipped: list[str]) -> None:
+    name = _shard_name(index)
+    with atomic_write(out / f"{name}.latents.npy") as f:
+        np.save(f, latents)
+    with atomic_write(out / f"{name}.labels.npy") as f:
+        np.save(f, labels)
+    meta = {"count": int(labels.shape[0]), "settings": settings, "sums": stats.sums(), "skipped": skipped,
+            "label_min": int(labels.min()) if labels.size else 0, "label_max": int(labels.max()) if labels.size else -1}
+    with atomic_write(out / f"{name}.json", "w") as f:
+        json.dump(meta, f)
+
+
+def _write_index(out: Path, num_shards: int, settings: dict, tokenizer, tokenizer_source: str) -> Path:
+    stats = LatentStatistics(tokenizer.latent_dim)
+    shards, skipped, label_min, label_max = [], [], None, None
+    for i in range(num_shards):
+        meta = json.loads((out / f"{_shard_name(i)}.json").read_text())
+        stats.merge(meta["sums"])
+        skipped.extend(meta["skipped"])
+        if meta["count"]:
+            label_min = meta["label_min"] if label_min is None else min(label_min, meta["label_min"])
+            label_max = meta["label_max"] if label_max is None else max(label_max, meta["label_max"])
+        shards.append({"name": _shard_name(i), "count": meta["count"]})
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "tokenizer": {"identity": settings["tokenizer"], "source": tokenizer_source,
+                      "image_size": tokenizer.image_size,
+                      "vq_mean": tokenizer.config.vq_mean, "vq_std": tokenizer.config.vq_std},
+        "dataset": settings["dataset"],
+        "num_samples": sum(s["count"] for s in shards),
+        "num_views": settings["num_views"],
+        "num_tokens": tokenizer.num_tokens,
+        "latent_dim": tokenizer.latent_dim,
+        "label_range": [label_min, label_max],
+        "stats": stats.summary(),
+        "shards": shards,
+        "skipped": skipped,
+    }
+    path = out / INDEX_NAME
+    with atomic_write(path, "w") as f:
+        json.dump(index, f, indent=1)
+    return path
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """The parts of ``index.json`` a trainer checks before it starts."""
+
+    folder: Path
+    num_samples: int
+    num_views: int
+    num_tokens: int
+    latent_dim: int
+    label_range: tuple[int, int]
+    tokenizer_identity: str
+    tokenizer_source: str
+    mean: float
+    std: float
+
+
+class LatentCache(Dataset):
+    """A finished cache as a Dataset of (latents float32 (V, N, D), label); shards are memory-mapped."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index_path = folder / INDEX_NAME
+        if not index_path.is_file():
+            hint = ("an unfinished build: rerun the same `ctok cache-latents` command to complete it"
+                    if any(folder.glob("shard-*.json")) else "run `ctok cache-latents --out DIR` to make one")
+            raise FileNotFoundError(f"{folder} is not a finished latent cache (no {INDEX_NAME}); {hint}")
+        index = json.loads(index_path.read_text())
+        if index.get("format") != FORMAT or index.get("version") != VERSION:
+            raise ValueError(f"{index_path} is not a {FORMAT} version {VERSION} index")
+        self.index = index
+        self.info = CacheInfo(
+            folder=folder, num_samples=index["num_samples"], num_views=index["num_views"],
+            num_tokens=index["num_tokens"], latent_dim=index["latent_dim"], label_range=tuple(index["label_range"]),
+            tokenizer_identity=index["tokenizer"]["identity"], tokenizer_source=index["tokenizer"]["source"],
+            mean=index["stats"]["mean"], std=index["stats"]["std"],
+        )
+        counts = [s["count"] for s in index["shards"]]
+        self._names = [s["name"] for s in index["shards"]]
+        self._starts = np.cumsum([0] + counts)
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return self.info.num_samples
+
+    def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        # Opened lazily, so that each DataLoader worker maps the files itself after the fork.
+        if i not in self._maps:
+            base = self.info.folder / self._names[i]
+            self._maps[i] = (np.load(f"{base}.latents.npy", mmap_mode="r", allow_pickle=False),
+                             np.load(f"{base}.labels.npy", mmap_mode="r", allow_pickle=False))
+        return self._maps[i]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"latent cache index {index} out of range [0, {len(self)})")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        latents, labels = self._shard(shard)
+        row = index - int(self._starts[shard])
+        return torch.from_numpy(np.array(latents[row])), int(labels[row])

@@ -1,0 +1,116 @@
+"""Training checkpoints: written atomically, rotated, found again after a crash, loaded safely.
+
+A checkpoint is one ``step-XXXXXXXX.pt`` file in ``<run_dir>/checkpoints``. It is written to a
+temporary file in the same folder, flushed to disk, and renamed over its final name, so a process
+killed at any moment leaves either the previous set of checkpoints or the new one, never a partial
+file under a checkpoint name. Loading uses ``torch.load(weights_only=True)``: a checkpoint holds
+only tensors and plain data, so a tampered file cannot run code.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success it is synced and renamed onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    # The rename itself must reach the disk too, or a power cut could undo it.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    return Path(folder) / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in ``folder``, oldest first; temporary files are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = ((_NAME.match(p.name), p) for p in folder.iterdir())
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete temporary files that a killed writer left behind (they never carry a checkpoint name)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for leftover in folder.glob(".step-*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
+def save_checkpoint(state: dict, folder: str | Path, step: int, keep_last: int) -> Path:
+    """Write ``state`` atomically as the checkpoint of ``step``, then delete all but the newest ``keep_last``."""
+    path = checkpoint_path(folder, step)
+    with atomic_write(path) as f:
+        torch.save(state, f)
+    if keep_last > 0:
+        for _, old in list_checkpoints(folder)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def capture_rng_state() -> dict:
+    """This process's random generators: Python, NumPy, torch CPU and every CUDA device."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "state": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": np_state["state"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+        "has_gauss": np_state["has_gauss"],
+        "gauss": np_state["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+

@@ -1,0 +1,413 @@
+"""Training SiT and DiT on a tokenizer's latents: ``ctok train-sit`` and ``ctok train-dit``.
+
+The latents come from a cache made by ``ctok cache-latents`` (``data.latents``), or, for small
+runs, from images encoded on the fly (``data.images``). Either way they are normalised,
+``(z - mean) / std``, before the generator sees them. The two scalars are the tokenizer config's
+``vq_mean``/``vq_std`` when those are set (released tokenizers carry them), else the cache's
+statistics (or, on the fly, statistics of the first images). The exported generator's config.json
+records them in ``latent_stats`` together with the tokenizer's identity, so sampling can undo the
+normalisation and refuse to decode with another tokenizer. Forgetting the normalisation is not
+possible here: it is applied inside the data path, not left to the user.
+
+Objectives (one per command):
+
+* SiT, flow matching: ``x_t = alpha_t x_0 + sigma_t eps`` (t = 1 is noise), linear path
+  (alpha = 1 - t, sigma = t) or cosine (alpha = cos(pi t/2), sigma = sin(pi t/2)), trained to
+  predict the velocity ``v = alpha'_t x_0 + sigma'_t eps`` with a mean squared error. Time is
+  uniform, or log-normal in the noise-to-signal ratio, sigma_t / alpha_t = exp(n) with n ~ N(0, 1)
+  (t = sigmoid(n) on the linear path, as in the SiT recipe).
+* DiT, Gaussian diffusion: 1000 steps of a linear or cosine schedule, t uniform over the steps,
+  epsilon MSE plus (with learned sigma) the variational bound that trains the variance.
+
+Label dropout for classifier-free guidance replaces a share ``model.class_dropout_prob`` of the
+labels by the null class. It is drawn here, from the step's per-sample random numbers, instead of
+inside the network (whose embedder draws from the process-global generator), so that a sample's
+dropout does not depend on which process holds it. The network therefore trains in eval mode: label
+dropout is its only train-time behaviour.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from ctok.hub import CONFIG_NAME, load_tokenizer
+from ctok.latent_cache import LatentCache, LatentStatistics, open_image_dataset
+from ctok.models.diffusion_transformer import DiT, SiT, build_preset
+from ctok.sampling.flow import sample_sit
+from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
+from ctok.training.checkpoint import atomic_write
+from ctok.training.config import config_to_dict
+from ctok.training.distributed import init_distributed, shutdown_distributed
+from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
+from ctok.training.sharding import BatchRandom
+
+
+# -- configuration ---------------------------------------------------------------------------
+@dataclass
+class DataSection:
+    """``data:`` where the latents come from."""
+
+    latents: str | None = None  # a folder written by `ctok cache-latents`
+    images: str | None = None  # or images encoded on the fly: an image folder or Fashion-MNIST's folder
+    flip: bool = True  # on the fly: mirror each image with probability 1/2 (a cache picks one of its views)
+    stats_images: int = 1024  # on the fly: images whose latents give the normalisation, if the tokenizer has none
+    batch_size: int = 256  # global: over all processes and accumulation steps
+    num_workers: int = 4
+
+
+@dataclass
+class ModelSection:
+    """``model:`` a preset (``SiT-XL/1``, ``DiT-B/1`` ...) and optional changes to it."""
+
+    preset: str
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    input_size: int | None = None  # latent tokens; None: the tokenizer's
+    in_channels: int | None = None  # latent width; None: the tokenizer's
+
+
+@dataclass
+class FlowSection:
+    """``flow:`` SiT's interpolation path, prediction target and time distribution."""
+
+    path: Literal["linear", "cosine"] = "linear"
+    prediction: Literal["v"] = "v"  # velocity, as the published recipe; the only target implemented
+    time_sampling: Literal["uniform", "lognormal"] = "lognormal"
+
+
+@dataclass
+class DiffusionSection:
+    """``diffusion:`` DiT's noise schedule and variance parameterisation."""
+
+    schedule: Literal["linear", "cosine"] = "linear"  # over 1000 steps, as every released DiT and the samplers
+    learn_sigma: bool = True
+
+
+@dataclass
+class SamplesSection:
+    """``samples:`` the picture grid written every ``run.sample_every`` steps (from the EMA weights)."""
+
+    num_images: int = 16
+    steps: int = 50
+    cfg_scale: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class GeneratorTrainConfig:
+    run: RunSection
+    data: DataSection
+    model: ModelSection
+    tokenizer: str | None = None  # folder or hub id; None: the one recorded in the latent cache
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EMASection = field(default_factory=EMASection)
+    samples: SamplesSection = field(default_factory=SamplesSection)
+
+
+@dataclass
+class SiTTrainConfig(GeneratorTrainConfig):
+    flow: FlowSection = field(default_factory=FlowSection)
+
+
+@dataclass
+class DiTTrainConfig(GeneratorTrainConfig):
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+
+
+# Keys that do not change what a training step computes: the tokenizer may be named differently (its
+# identity is checked against the cache either way), and the picture grids are only looked at.
+FREE_ON_RESUME = ("tokenizer", "data.num_workers", "samples.num_images", "samples.steps", "samples.cfg_scale",
+                  "samples.seed")
+
+
+# -- latents ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatentStats:
+    """The normalisation ``(z - mean) / std`` and where its numbers came from."""
+
+    mean: float
+    std: float
+    source: str
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "source": self.source}
+
+
+def choose_latent_stats(tokenizer, cache: LatentCache | None, images: Dataset | None, num_images: int) -> LatentStats:
+    """The tokenizer config's vq_mean/vq_std if set, else the cache's statistics, else the first images'."""
+    mean, std = float(tokenizer.config.vq_mean), float(tokenizer.config.vq_std)
+    if (mean, std) != (0.0, 1.0):
+        return LatentStats(mean, std, "tokenizer config (vq_mean, vq_std)")
+    if cache is not None:
+        return LatentStats(cache.info.mean, cache.info.std, f"latent cache {cache.info.folder}")
+    count = min(num_images, len(images))
+    stats = LatentStatistics(tokenizer.latent_dim)
+    device = next(tokenizer.parameters()).device
+    with torch.no_grad():
+        for start in range(0, count, 64):
+            batch = torch.stack([images[i][0] for i in range(start, min(start + 64, count))])
+            stats.update(tokenizer.encode(batch.to(device)))
+    summary = stats.summary()
+    return LatentStats(summary["mean"], summary["std"], f"statistics of the first {count} training images")
+
+
+class CachedLatents:
+    """Batches of a :class:`LatentCache`: picks one stored view per sample and normalises."""
+
+    def __init__(self, stats: LatentStats):
+        self.stats = stats
+
+    def __call__(self, batch, rng: BatchRandom) -> tuple[torch.Tensor, torch.Tensor]:
+        views, labels = batch
+        choice = rng.randint(views.shape[1])
+        z = views[torch.arange(views.shape[0], device=views.device), choice]
+        return (z - self.stats.mean) / self.stats.std, labels
+
+
+class EncodedImages:
+    """Batches of images, encoded by the frozen tokenizer (mirrored at random when ``flip``)."""
+
+    def __init__(self, tokenizer: nn.Module, stats: LatentStats, flip: bool):
+        self.tokenizer = tokenizer
+        self.stats = stats
+        self.flip = flip
+
+    def __call__(self, batch, rng: BatchRandom) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch[0], batch[1]
+        if images.shape[0] != rng.split.micro_batch:
+            skipped = list(getattr(batch, "skipped", ()))
+            raise ValueError(f"a batch lost {rng.split.micro_batch - images.shape[0]} images to unreadable files "
+                             f"{skipped[:5]}: remove them, or train from a latent cache")
+        if self.flip:
+            mirror = rng.rand() < 0.5
+            images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
+        with torch.no_grad():
+            z = self.tokenizer.encode(images).float()
+        return (z - self.stats.mean) / self.stats.std, labels
+
+
+# -- objectives ------------------------------------------------------------------------------
+def path_coefficients(t: torch.Tensor, path: str) -> tuple[torch.Tensor, ...]:
+    """(alpha, d alpha/dt, sigma, d sigma/dt) of ``x_t = alpha x_0 + sigma eps``, per sample."""
+    if path == "linear":
+        return 1 - t, -torch.ones_like(t), t, torch.ones_like(t)
+    half_pi = math.pi / 2
+    return (torch.cos(half_pi * t), -half_pi * torch.sin(half_pi * t),
+            torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
+
+
+def sample_time(rng: BatchRandom, path: str, time_sampling: str) -> torch.Tensor:
+    """Training times in (0, 1): uniform, or log-normal in sigma_t / alpha_t (see the module docstring)."""
+    if time_sampling == "uniform":
+        return rng.rand()
+    log_ratio = rng.randn()
+    if path == "linear":
+        return torch.sigmoid(log_ratio)  # t / (1 - t) = exp(n)
+    return torch.atan(log_ratio.exp()) / (math.pi / 2)  # tan(pi t / 2) = exp(n)
+
+
+def drop_labels(labels: torch.Tensor, rng: BatchRandom, prob: float, null_class: int) -> torch.Tensor:
+    if prob <= 0:
+        return labels
+    return torch.where(rng.rand() < prob, torch.full_like(labels, null_class), labels)
+
+
+class GeneratorTask:
+    """What SiT and DiT training share: the latent source, label dropout, the sample grid."""
+
+    def __init__(self, model: nn.Module, ema: nn.Module, latents, tokenizer: nn.Module, stats: LatentStats,
+                 samples: SamplesSection):
+        self.model = model
+        self.ema = ema
+        self.latents = latents
+        self.tokenizer = tokenizer
+        self.stats = stats
+        self.samples = samples
+        self.dropout = ema.config.class_dropout_prob
+        self.null_class = ema.num_classes
+
+    def inputs(self, batch, rng: BatchRandom) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, labels = self.latents(batch, rng)
+        return x0, drop_labels(labels, rng, self.dropout, self.null_class)
+
+    def sample_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same noise and labels at every grid, so that grids of successive steps compare."""
+        device = next(self.ema.parameters()).device
+        g = torch.Generator(device=device).manual_seed(self.samples.seed)
+        n = self.samples.num_images
+        noise = torch.randn(n, self.ema.num_tokens, self.ema.in_channels, generator=g, device=device)
+        return noise, torch.arange(n, device=device) % self.null_class
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.decode(latents.float() * self.stats.std + self.stats.mean)
+
+
+class FlowMatchingTask(GeneratorTask):
+    def __init__(self, *args, flow: FlowSection, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flow = flow
+
+    def training_step(self, batch, step: int, rng: BatchRandom) -> dict[str, torch.Tensor]:
+        x0, labels = self.inputs(batch, rng)
+        t = sample_time(rng, self.flow.path, self.flow.time_sampling)
+        noise = rng.randn(*x0.shape[1:])
+        alpha, d_alpha, sigma, d_sigma = (c[:, None, None] for c in path_coefficients(t, self.flow.path))
+        x_t = alpha * x0 + sigma * noise
+        target = d_alpha * x0 + d_sigma * noise
+        v = self.model(x_t, t, labels)
+        return {"loss": (v.float() - target).pow(2).mean()}
+
+    def sample_images(self, step: int) -> torch.Tensor:
+        noise, labels = self.sample_noise()
+        z = sample_sit(self.ema, noise, labels, num_steps=self.samples.steps, solver="euler",
+                       cfg_scale=self.samples.cfg_scale, path_type=self.flow.path)
+        return self.decode(z)
+
+
+class DiffusionTask(GeneratorTask):
+    def __init__(self, *args, diffusion: DiffusionSection, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings = diffusion
+        self.diffusion = GaussianDiffusion(diffusion.schedule, 1000)
+
+    def training_step(self, batch, step: int, rng: BatchRandom) -> dict[str, torch.Tensor]:
+        x0, labels = self.inputs(batch, rng)
+        t = rng.randint(self.diffusion.num_timesteps)
+        noise = rng.randn(*x0.shape[1:])
+        terms = self.diffusion.training_losses(self.model, x0, t, labels, noise)
+        return {name: value.mean() for name, value in terms.items()}
+
+    def sample_images(self, step: int) -> torch.Tensor:
+        noise, labels = self.sample_noise()
+        z = sample_dit(self.ema, noise, labels, num_steps=min(self.samples.steps, 1000),
+                       sampler="ddpm", noise_schedule=self.settings.schedule, cfg_scale=self.samples.cfg_scale,
+                       generator=torch.Generator(device=noise.device).manual_seed(self.samples.seed + 1))
+        return self.decode(z)
+
+
+# -- the command -----------------------------------------------------------------------------
+def check_model_section(kind: str, m: ModelSection, num_tokens: int | None = None, latent_dim: int | None = None) -> None:
+    """The preset must be of the family being trained, and sizes given in the config must fit the latents."""
+    family = {"sit": "SiT", "dit": "DiT"}[kind]
+    if not m.preset.startswith(f"{family}-"):
+        raise ValueError(f"model.preset {m.preset!r} is not a {family} preset (e.g. {family}-XL/1); "
+                         f"`ctok train-{kind}` trains {family}")
+    if num_tokens is None:
+        return
+    for key, ours, what in (("input_size", num_tokens, "tokens"), ("in_channels", latent_dim, "channels")):
+        theirs = getattr(m, key)
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"model.{key} is {theirs} but the latents have {ours} {what} ({num_tokens} x {latent_dim})")
+
+
+def build_generator(kind: str, cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: int) -> SiT | DiT:
+    """The network of ``model.preset`` sized for the tokenizer's latents."""
+    m = cfg.model
+    check_model_section(kind, m, num_tokens, latent_dim)
+    overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("depth", m.depth), ("num_heads", m.num_heads))
+                 if v is not None}
+    overrides.update(mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm, class_dropout_prob=m.class_dropout_prob)
+    if kind == "sit":
+        overrides["path_type"] = cfg.flow.path
+    else:
+        overrides["learn_sigma"] = cfg.diffusion.learn_sigma
+    return build_preset(m.preset, input_size=num_tokens, in_channels=latent_dim, num_classes=m.num_classes,
+                        **overrides)
+
+
+def check_labels_fit(label_range: tuple[int, int], num_classes: int, where: str) -> None:
+    low, high = label_range
+    if low is not None and (low < 0 or high >= num_classes):
+        raise ValueError(f"{where} has class ids in [{low}, {high}] but model.num_classes is {num_classes}: "
+                         f"set model.num_classes to at least {high + 1}")
+
+
+def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
+    """Train a SiT (``kind="sit"``) or DiT (``"dit"``) as ``cfg`` says; returns the exported folder."""
+    # Everything that can be wrong with the inputs is checked before a process group or a network
+    # exists, the cheap checks first.
+    if (cfg.data.latents is None) == (cfg.data.images is None):
+        raise ValueError("set exactly one of data.latents (a cache from `ctok cache-latents`) and data.images")
+    check_model_section(kind, cfg.model)
+    cache = LatentCache(cfg.data.latents) if cfg.data.latents else None
+    if cache is not None:
+        check_model_section(kind, cfg.model, cache.info.num_tokens, cache.info.latent_dim)
+        check_labels_fit(cache.info.label_range, cfg.model.num_classes, f"latent cache {cache.info.folder}")
+        if cfg.data.batch_size > len(cache):
+            raise ValueError(f"the dataset has {len(cache)} samples, fewer than one global batch of "
+                             f"{cfg.data.batch_size} (data.batch_size)")
+    source = cfg.tokenizer or (cache.info.tokenizer_source if cache else None)
+    if source is None:
+        raise ValueError("training on images needs a tokenizer: set tokenizer: to a folder or hub id")
+    tokenizer = load_tokenizer(source)
+    tokenizer.requires_grad_(False)
+    images = None
+    if cache is not None:
+        if (cache.info.num_tokens, cache.info.latent_dim) != (tokenizer.num_tokens, tokenizer.latent_dim):
+            raise ValueError(f"latent cache {cache.info.folder} holds {cache.info.num_tokens} x {cache.info.latent_dim} "
+                             f"latents but tokenizer {source} makes {tokenizer.num_tokens} x {tokenizer.latent_dim}")
+        if cache.info.tokenizer_identity != tokenizer.identity():
+            raise ValueError(f"latent cache {cache.info.folder} was made by tokenizer {cache.info.tokenizer_identity} "
+                             f"({cache.info.tokenizer_source}), not by {source} ({tokenizer.identity()})")
+    else:
+        images = open_image_dataset(cfg.data.images, tokenizer.image_size)
+        labels = getattr(images, "labels", None)
+        if labels is not None:
+            check_labels_fit((int(min(labels)), int(max(labels))), cfg.model.num_classes, f"data.images {cfg.data.images}")
+        elif getattr(images, "classes", None):
+            check_labels_fit((0, len(images.classes) - 1), cfg.model.num_classes, f"data.images {cfg.data.images}")
+
+    ctx = init_distributed(cfg.run.device)
+    try:
+        runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
+                        free_on_resume=FREE_ON_RESUME)
+        tokenizer = tokenizer.to(ctx.device).eval()
+        stats = choose_latent_stats(tokenizer, cache, images, cfg.data.stats_images)
+        network = build_generator(kind, cfg, tokenizer.num_tokens, tokenizer.latent_dim)
+        network.eval()  # see the module docstring: label dropout is drawn by the task
+        model = runner.add_module("model", network, optim=cfg.optim, ema_decay=cfg.ema.decay)
+        latents = CachedLatents(stats) if cache is not None else EncodedImages(tokenizer, stats, cfg.data.flip)
+        common = dict(model=model, ema=runner.ema_module("model"), latents=latents, tokenizer=tokenizer,
+                      stats=stats, samples=cfg.samples)
+        task = FlowMatchingTask(**common, flow=cfg.flow) if kind == "sit" else DiffusionTask(**common, diffusion=cfg.diffusion)
+        if ctx.is_main:
+            tqdm.write(f"{cfg.model.preset}: {network.num_parameters():,} parameters on {tokenizer.num_tokens} x "
+                       f"{tokenizer.latent_dim} latents of {source}; normalising with mean {stats.mean:.6g}, "
+                       f"std {stats.std:.6g} from {stats.source}")
+        runner.fit(task, cache if cache is not None else images, num_workers=cfg.data.num_workers)
+        out = Path(cfg.run.out_dir) / "final"
+        if ctx.is_main:
+            export_generator(runner.ema_module("model"), out, stats, tokenizer, source,
+                             schedule=cfg.diffusion.schedule if kind == "dit" else None)
+            tqdm.write(f"exported the EMA weights to {out}")
+        return out
+    finally:
+        shutdown_distributed()
+
+
+def export_generator(ema: nn.Module, folder: Path, stats: LatentStats, tokenizer, tokenizer_source: str,
+                     schedule: str | None = None) -> Path:
+    """``save_pretrained`` of the EMA network, with the latent normalisation and the tokenizer it belongs to."""
+    ema.save_pretrained(folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["latent_stats"] = stats.to_dict()
+    config["tokenizer"] = {"identity": tokenizer.identity(), "source": tokenizer_source}
+    if isinstance(ema, DiT):  # so that `ctok generate` samples on the schedule it was trained on
+        config["noise_schedule"] = schedule
+    with atomic_write(folder / CONFIG_NAME, "w") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder

@@ -1,0 +1,132 @@
+"""Latent caches: contents equal the tokenizer's encodings, statistics, sharding, resume, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from ctok.latent_cache import INDEX_NAME, LatentCache, build_latent_cache
+from ctok.models.tokenizer import Tokenizer
+from ctok.training.distributed import init_distributed
+
+TINY_TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
+                      decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8,
+                      num_latent_tokens=8, codebook_embed_dim=4, codebook_size=64, num_codebooks=1,
+                      encoder_size=[64, 2, 2], decoder_size=[64, 2, 2])
+
+
+class RandomImages(Dataset):
+    """Deterministic random images in [-1, 1] with labels i % 3; counts how many it served."""
+
+    def __init__(self, n: int):
+        self.images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        self.served = 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        self.served += 1
+        return self.images[i], i % 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    torch.manual_seed(0)
+    return Tokenizer.from_config(TINY_TOKENIZER).eval()
+
+
+def build(tokenizer, data, out, **kwargs):
+    return build_latent_cache(tokenizer, data, out, tokenizer_source="tiny", ctx=init_distributed("cpu"),
+                              batch_size=4, shard_size=8, num_workers=0, **kwargs)
+
+
+def test_cache_holds_the_encodings_of_each_image_and_its_mirror(tokenizer, tmp_path):
+    data = RandomImages(20)
+    index = json.loads(build(tokenizer, data, tmp_path, flip=True).read_text())
+    assert (index["num_samples"], index["num_views"], index["num_tokens"], index["latent_dim"]) == (20, 2, 8, 4)
+    assert [s["count"] for s in index["shards"]] == [8, 8, 4]
+    assert index["label_range"] == [0, 2]
+    assert index["tokenizer"]["identity"] == tokenizer.identity()
+    cache = LatentCache(tmp_path)
+    with torch.no_grad():
+        plain, mirrored = tokenizer.encode(data.images), tokenizer.encode(data.images.flip(-1))
+    stored = torch.stack([cache[i][0] for i in range(20)])
+    assert stored.shape == (20, 2, 8, 4)
+    torch.testing.assert_close(stored[:, 0], plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(stored[:, 1], mirrored, rtol=0, atol=1e-5)
+    assert [cache[i][1] for i in range(20)] == [i % 3 for i in range(20)]
+    # statistics over every stored value: population mean / std, and per channel
+    everything = stored.double()
+    assert index["stats"]["mean"] == pytest.approx(float(everything.mean()), abs=1e-9)
+    assert index["stats"]["std"] == pytest.approx(float(everything.std(unbiased=False)), rel=1e-6)
+    per_channel = everything.reshape(-1, 4)
+    assert index["stats"]["channel_mean"] == pytest.approx(per_channel.mean(0).tolist(), abs=1e-9)
+    assert index["stats"]["channel_std"] == pytest.approx(per_channel.std(0, unbiased=False).tolist(), rel=1e-6)
+    assert cache.info.mean == index["stats"]["mean"]
+
+
+def test_an_interrupted_build_encodes_only_the_missing_shards(tokenizer, tmp_path):
+    data = RandomImages(20)
+    build(tokenizer, data, tmp_path / "full")
+    reference = np.load(tmp_path / "full" / "shard-00001.latents.npy")
+    build(tokenizer, data, tmp_path / "partial", limit=20)
+    # as if killed while shard 1 was being written: its marker and the index never appeared
+    (tmp_path / "partial" / "shard-00001.json").unlink()
+    (tmp_path / "partial" / INDEX_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="unfinished build: rerun the same `ctok cache-latents`"):
+        LatentCache(tmp_path / "partial")
+    data.served = 0
+    build(tokenizer, data, tmp_path / "partial", limit=20)
+    assert data.served == 8
+    np.testing.assert_array_equal(np.load(tmp_path / "partial" / "shard-00001.latents.npy"), reference)
+    assert len(LatentCache(tmp_path / "partial")) == 20
+
+
+def test_a_resumed_build_with_other_settings_is_refused(tokenizer, tmp_path):
+    data = RandomImages(20)
+    build(tokenizer, data, tmp_path)
+    (tmp_path / INDEX_NAME).unlink()
+    with pytest.raises(ValueError, match=r"holds shards of another build \(different num_views\)"):
+        build(tokenizer, data, tmp_path, flip=True)
+    build(tokenizer, data, tmp_path)
+    with pytest.raises(ValueError, match="already holds a finished latent cache"):
+        build(tokenizer, data, tmp_path)
+
+
+def test_opening_something_that_is_not_a_cache(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a finished latent cache .* run `ctok cache-latents"):
+        LatentCache(tmp_path)
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="is not a ctok-latent-cache version 1 index"):
+        LatentCache(tmp_path)
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_same_cache_as_one(tokenizer, tmp_path):
+    """``torchrun --nproc_per_node=2 -m ctok cache-latents`` on real Fashion-MNIST images."""
+    from ctok.data.fashion_mnist import SYSTEM_DIR, load_fashion_mnist_raw
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    command = ["-m", "ctok", "cache-latents", "--tokenizer", str(tmp_path / "tok"), "--data", str(SYSTEM_DIR),
+               "--limit", "24", "--shard-size", "8", "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
+               "--flip"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *command, "--out", str(tmp_path / "one")], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command,
+                    "--out", str(tmp_path / "two")], check=True, env=env)
+    one, two = LatentCache(tmp_path / "one"), LatentCache(tmp_path / "two")
+    assert len(one) == len(two) == 24
+    for i in range(24):
+        torch.testing.assert_close(one[i][0], two[i][0], rtol=0, atol=1e-6)
+        assert one[i][1] == two[i][1]
+    assert one.info.mean == pytest.approx(two.info.mean, abs=1e-9)
+    labels = load_fashion_mnist_raw("train", SYSTEM_DIR)[1][:24]
+    assert [one[i][1] for i in range(24)] == labels.tolist()
+    assert two.index["label_range"] == [int(labels.min()), int(labels.max())]
