@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctok.training.checkpoint import (atomic_write, capture_rng_state, list_checkpoints, load_checkpoint,
+from ctok.atomic_files import atomic_write
+from ctok.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint,
                                       remove_stale_temporaries, restore_rng_state, save_checkpoint)
 
 

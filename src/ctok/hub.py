@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from ctok.atomic_files import atomic_write
 from ctok.models.diffusion_transformer import DiT, SiT
 from ctok.models.tokenizer import Tokenizer
 
@@ -161,18 +161,8 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
-    text = json.dumps(model.to_config(), indent=2, sort_keys=True) + "\n"
-    _atomic(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    with atomic_write(folder / WEIGHTS_NAME) as f:
+        f.write(save(state))
+    with atomic_write(folder / CONFIG_NAME, "w") as f:
+        f.write(json.dumps(model.to_config(), indent=2, sort_keys=True) + "\n")
     return folder
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ctok.training.checkpoint import atomic_write
+from ctok.atomic_files import atomic_write
 from ctok.training.distributed import DistContext, barrier
 
 FORMAT = "ctok-latent-cache"

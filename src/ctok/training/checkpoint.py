@@ -8,42 +8,16 @@ only tensors and plain data, so a tampered file cannot run code.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
-from typing import IO, Iterator
 
 import numpy as np
 import torch
 
+from ctok.atomic_files import atomic_write
+
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success it is synced and renamed onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # The rename itself must reach the disk too, or a power cut could undo it.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:

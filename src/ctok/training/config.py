@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
-from ctok.training.checkpoint import atomic_write
+from ctok.atomic_files import atomic_write
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

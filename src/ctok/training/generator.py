@@ -43,7 +43,7 @@ from ctok.latent_cache import LatentCache, LatentStatistics, open_image_dataset
 from ctok.models.diffusion_transformer import DiT, SiT, build_preset
 from ctok.sampling.flow import sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
-from ctok.training.checkpoint import atomic_write
+from ctok.atomic_files import atomic_write
 from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
 from ctok.training.runner import EMASection, OptimSection, Runner, RunSection

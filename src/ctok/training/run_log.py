@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ctok.training.checkpoint import atomic_write
+from ctok.atomic_files import atomic_write
 
 
 class RunLog:

@@ -57,7 +57,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from ctok.training.checkpoint import (atomic_write, capture_rng_state, list_checkpoints,
+from ctok.atomic_files import atomic_write
+from ctok.training.checkpoint import (capture_rng_state, list_checkpoints,
                                       load_checkpoint, remove_stale_temporaries, restore_rng_state,
                                       save_checkpoint)
 from ctok.training.config import save_yaml
