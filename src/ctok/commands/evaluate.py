@@ -1,0 +1,85 @@
+"""``ctok evaluate``: ADM's FID, sFID, IS, precision and recall of a samples .npz against a reference."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+HELP = "FID, sFID, IS, precision and recall of samples (.npz or folder) against a reference (ADM evaluator)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", required=True, help="samples: an .npz with arr_0 uint8 (N, H, W, 3), or a folder of images")
+    parser.add_argument("--ref", required=True,
+                        help="reference: an ADM reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s), "
+                             "a samples .npz, or a folder of images (centre-cropped to --image-size)")
+    parser.add_argument("--out", help="JSON file for the results (default: next to the samples, <samples>.eval.json)")
+    network = parser.add_mutually_exclusive_group()
+    network.add_argument("--inception-weights", metavar="PATH|random",
+                         help="Inception weight file weights-inception-2015-12-05-6726825d.pth (default: "
+                              "$CTOK_INCEPTION_WEIGHTS, then torch's hub cache); 'random' for a random network "
+                              "whose numbers mean nothing (tests)")
+    network.add_argument("--feature-network", metavar="MODULE:FACTORY",
+                         help="use another feature network: FACTORY() from MODULE returns it (see ctok.metrics.features), "
+                              "e.g. ctok.models.fmnist_classifier:load_fmnist_classifier")
+    parser.add_argument("--image-size", type=int, help="crop size for a folder reference (default: the samples' size)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (ADM: 3)")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--num-workers", type=int, default=4, help="image decoding workers for folders")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the reference's cached statistics")
+
+
+def load_feature_network(spec: str | None, inception_weights: str | None, device):
+    """The feature network named on the command line: a MODULE:FACTORY, or Inception."""
+    if spec is None:
+        from ctok.metrics.inception import load_inception
+
+        return load_inception(inception_weights, device=device)
+    module_name, sep, factory_name = spec.partition(":")
+    if not sep or not module_name or not factory_name:
+        raise ValueError(f"--feature-network must look like MODULE:FACTORY, got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"--feature-network {spec}: {err}") from None
+    return factory().to(device).eval()
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON; the file appears whole or not at all."""
+    from ctok.atomic_files import atomic_write
+
+    with atomic_write(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def format_results(results: dict, names: dict[str, str]) -> str:
+    lines = []
+    for key, label in names.items():
+        value = results.get(key)
+        reason = results.get("unavailable", {}).get(key)
+        lines.append(f"{label:>16}: " + (f"{value:.4f}" if value is not None else f"n/a ({reason})"))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctok.metrics.evaluator import evaluate, pick_device
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    device = pick_device(args.device)
+    network = load_feature_network(args.feature_network, args.inception_weights, device)
+    results = evaluate(args.samples, args.ref, network, batch_size=args.batch_size, device=device, k=args.k,
+                       image_size=args.image_size, use_cache=not args.no_cache, num_workers=args.num_workers)
+    samples = Path(args.samples)
+    out = Path(args.out) if args.out else samples.with_name(samples.name.removesuffix(".npz") + ".eval.json")
+    write_json(out, results)
+    print(format_results(results, {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score",
+                                   "precision": "Precision", "recall": "Recall"}))
+    print(f"{'images':>16}: {results['num_samples']} samples, {results['num_reference']} reference")
+    print(f"{'feature network':>16}: {results['feature_network']['identity']}")
+    print(f"results written to {out}")
+    return 0

@@ -1,0 +1,88 @@
+"""ADM's evaluation of a sample set against a reference set: FID, sFID, IS, precision and recall.
+
+:func:`evaluate` runs the feature network over the samples (batched, with a progress bar, on
+the GPU when there is one), gets the reference's statistics (stored, cached or computed; see
+:mod:`ctok.metrics.reference`) and compares them. A metric the feature network or the reference
+cannot support is reported as None, with the reason under ``"unavailable"``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ctok.metrics.features import extract_features, network_identity
+from ctok.metrics.frechet import frechet_distance, gaussian_statistics
+from ctok.metrics.image_sets import open_image_set
+from ctok.metrics.inception import PUBLISHED_IDENTITY
+from ctok.metrics.inception_score import ADM_SPLIT_SIZE, inception_score
+from ctok.metrics.precision_recall import precision_recall
+from ctok.metrics.reference import ReferenceStatistics, reference_statistics
+
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+
+
+def compare(samples: dict[str, np.ndarray], reference: ReferenceStatistics, *, k: int = 3,
+            device: torch.device | None = None) -> tuple[dict[str, float | None], dict[str, str]]:
+    """(metrics, reasons) for sample features against reference statistics; metrics without data are None."""
+    metrics: dict[str, float | None] = dict.fromkeys(METRICS)
+    reasons: dict[str, str] = {}
+    metrics["fid"] = frechet_distance(*gaussian_statistics(samples["pool"]), reference.mu, reference.sigma)
+    if "spatial" not in samples:
+        reasons["sfid"] = "the feature network gives no 'spatial' features"
+    elif reference.mu_s is None:
+        reasons["sfid"] = "the reference has no spatial statistics (mu_s, sigma_s)"
+    else:
+        metrics["sfid"] = frechet_distance(*gaussian_statistics(samples["spatial"]), reference.mu_s, reference.sigma_s)
+    if "logits" in samples:
+        metrics["inception_score"] = inception_score(samples["logits"], split_size=ADM_SPLIT_SIZE)
+    else:
+        reasons["inception_score"] = "the feature network gives no 'logits'"
+    if reference.pool is None:
+        reasons["precision"] = reasons["recall"] = "the reference holds statistics only, no images to compare with"
+    elif min(len(reference.pool), len(samples["pool"])) <= k:
+        reasons["precision"] = reasons["recall"] = f"precision/recall needs more than k={k} images on each side"
+    else:
+        metrics["precision"], metrics["recall"] = precision_recall(reference.pool, samples["pool"], k=k, device=device)
+    return metrics, reasons
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate(samples: str | os.PathLike, reference: str | os.PathLike, network: torch.nn.Module, *,
+             batch_size: int = 100, device: str | torch.device | None = None, k: int = 3,
+             image_size: int | None = None, use_cache: bool = True, progress: bool = True,
+             num_workers: int = 4) -> dict:
+    """Evaluate the images in ``samples`` (an ``.npz`` with ``arr_0``, or a folder) against ``reference``.
+
+    ``network``: the feature network (e.g. :func:`~ctok.metrics.inception.load_inception`'s). A folder
+    reference is centre-cropped to ``image_size`` (default: the samples' size). Returns a JSON-ready
+    dict: ``fid``, ``sfid``, ``inception_score``, ``precision``, ``recall`` (None where unavailable,
+    with the reason under ``unavailable``), ``num_samples``, ``num_reference``, ``feature_network``
+    (its identity, and whether it is the published Inception whose numbers compare with papers).
+    """
+    device = pick_device(device)
+    identity = network_identity(network)
+    network = network.to(device).eval()
+    sample_set = open_image_set(samples, image_size, num_workers)
+    ref = reference_statistics(reference, network, device=device, batch_size=batch_size,
+                               image_size=image_size or sample_set.image_size, use_cache=use_cache,
+                               progress=progress, num_workers=num_workers)
+    features = extract_features(network, sample_set.batches(batch_size), device=device, total=len(sample_set),
+                                desc="samples", progress=progress)
+    metrics, reasons = compare(features, ref, k=k, device=device)
+    return {
+        **metrics,
+        "num_samples": int(features["pool"].shape[0]),
+        "num_reference": ref.count,
+        "feature_network": {"identity": identity, "published_inception": identity == PUBLISHED_IDENTITY},
+        "unavailable": reasons,
+        "samples": str(samples),
+        "reference": {"path": str(reference), "statistics": ref.origin},
+        "precision_recall_k": k,
+    }

@@ -1,0 +1,226 @@
+"""The metric functions against independent computations: closed forms, scipy, scikit-learn, scikit-image."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from sklearn.neighbors import NearestNeighbors
+
+from ctok.metrics import fid, frechet_distance, gaussian_statistics, inception_score, precision_recall, psnr, sfid, ssim
+
+
+def random_spd(rng, dim: int, condition: float) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return (q * np.logspace(0, -np.log10(condition), dim)) @ q.T
+
+
+def adm_frechet(mu1, s1, mu2, s2):
+    """ADM's evaluator formula: scipy's sqrtm of the product, 1e-6 on the diagonals if it fails."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(s1)) * 1e-6
+            covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    d = mu1 - mu2
+    return d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real)
+
+
+# -- Fréchet distance --------------------------------------------------------------------------
+
+def test_frechet_distance_of_gaussians_with_shared_axes_matches_closed_form():
+    # Covariances diagonal in the same rotated basis commute: tr sqrt(S1 S2) = sum sqrt(a_i b_i),
+    # so d² = |mu1 - mu2|² + sum (sqrt(a_i) - sqrt(b_i))².
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_of_samples_from_two_gaussians_approaches_closed_form():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.0, 1.0, size=(200_000, 3))
+    y = rng.normal(0.5, 2.0, size=(200_000, 3))
+    expected = 3 * 0.5**2 + 3 * (1.0 - 2.0) ** 2  # 3.75
+    assert fid(x, y) == pytest.approx(expected, rel=0.02)
+    assert fid(x, x) == pytest.approx(0.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("condition", [1e2, 1e8, 1e12, 1e16])
+def test_frechet_distance_agrees_with_scipy_sqrtm_including_near_singular(condition):
+    rng = np.random.default_rng(int(np.log10(condition)))
+    s1, s2 = random_spd(rng, 48, condition), random_spd(rng, 48, condition)
+    mu1, mu2 = rng.standard_normal(48), rng.standard_normal(48)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(adm_frechet(mu1, s1, mu2, s2), rel=1e-8)
+
+
+def test_frechet_distance_with_singular_covariances_from_few_samples():
+    # 20 and 30 samples in 64 dimensions: both covariances are singular, ADM's eps fallback path.
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((20, 64)), rng.standard_normal((30, 64)) + 0.5
+    (m1, s1), (m2, s2) = gaussian_statistics(x), gaussian_statistics(y)
+    got = frechet_distance(m1, s1, m2, s2)
+    assert np.isfinite(got)
+    assert got == pytest.approx(adm_frechet(m1, s1, m2, s2), rel=1e-6)
+
+
+def test_frechet_distance_accepts_tensors_and_rejects_bad_shapes():
+    mu, sigma = torch.zeros(4), torch.eye(4)
+    assert frechet_distance(mu, sigma, mu + 1, sigma) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="same length"):
+        frechet_distance(np.zeros(4), np.eye(4), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match=r"sigma2 must have shape \(4, 4\)"):
+        frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), np.eye(3))
+    with pytest.raises(ValueError, match="not symmetric"):
+        frechet_distance(np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="NaN"):
+        frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
+
+
+def test_gaussian_statistics_are_mean_and_unbiased_covariance():
+    x = np.random.default_rng(3).standard_normal((50, 5)).astype(np.float32)
+    mu, sigma = gaussian_statistics(x)
+    assert mu.dtype == np.float64
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
+    centred = x.astype(np.float64) - mu
+    np.testing.assert_allclose(sigma, centred.T @ centred / 49, rtol=1e-10)
+    with pytest.raises(ValueError, match="at least 2"):
+        gaussian_statistics(x[:1])
+
+
+def test_sfid_flattens_spatial_maps_per_image():
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((40, 2, 3, 2)), rng.standard_normal((40, 2, 3, 2)) + 1
+    assert sfid(a, b) == pytest.approx(fid(a.reshape(40, -1), b.reshape(40, -1)))
+    # The order of the flattened coordinates does not matter.
+    assert sfid(a, b) == pytest.approx(sfid(a.transpose(0, 3, 1, 2), b.transpose(0, 3, 1, 2)), rel=1e-9)
+
+
+# -- Inception Score -------------------------------------------------------------------------
+
+def test_inception_score_of_confident_even_predictions_is_the_class_count():
+    classes = 10
+    logits = 50.0 * torch.eye(classes).repeat(20, 1)  # 200 one-hot predictions, 20 per class
+    assert inception_score(logits, splits=10) == pytest.approx(classes, rel=1e-6)
+
+
+def test_inception_score_of_uniform_predictions_is_one():
+    assert inception_score(torch.zeros(100, 1008), splits=10) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_inception_score_matches_adm_formula_and_split_size():
+    logits = np.random.default_rng(5).standard_normal((120, 7)) * 3
+
+    def adm(split_size):  # evaluator.compute_inception_score, with numpy
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        scores = []
+        for i in range(0, len(p), split_size):
+            part = p[i:i + split_size]
+            kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+            scores.append(np.exp(kl.sum(1).mean()))
+        return np.mean(scores)
+
+    assert inception_score(logits, split_size=50) == pytest.approx(adm(50), rel=1e-10)  # 50, 50, 20
+    assert inception_score(logits, splits=4) == pytest.approx(adm(30), rel=1e-10)
+    with pytest.raises(ValueError, match="splits must be between 1 and the number of samples"):
+        inception_score(logits[:5], splits=10)
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        inception_score(torch.zeros(10))
+
+
+# -- Precision and recall ----------------------------------------------------------------------
+
+def brute_force_precision_recall(real, fake, k):
+    """k-NN radii from scikit-learn (self excluded), then the definition, one pair at a time."""
+    def radii(x):
+        dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+        return dist[:, k]
+
+    r_real, r_fake = radii(real), radii(fake)
+    d = np.linalg.norm(real[:, None, :] - fake[None, :, :], axis=-1)
+    precision = np.mean([(d[:, j] <= r_real).any() for j in range(len(fake))])
+    recall = np.mean([(d[i, :] <= r_fake).any() for i in range(len(real))])
+    return precision, recall
+
+
+def test_precision_recall_of_a_set_against_itself_is_one():
+    x = np.random.default_rng(6).standard_normal((80, 16))
+    assert precision_recall(x, x, k=3, device="cpu") == (1.0, 1.0)
+
+
+def test_precision_recall_against_a_far_away_set_is_zero():
+    rng = np.random.default_rng(7)
+    real, fake = rng.standard_normal((50, 8)), rng.standard_normal((60, 8)) + 100
+    assert precision_recall(real, fake, k=3, device="cpu") == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("block_size", [7, 10000])
+def test_precision_recall_matches_brute_force_knn(block_size):
+    rng = np.random.default_rng(8)
+    real = rng.standard_normal((70, 5))
+    fake = np.concatenate([rng.standard_normal((30, 5)) * 0.5, rng.standard_normal((25, 5)) * 2 + 2])
+    expected = brute_force_precision_recall(real, fake, k=3)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # a case where both sides matter
+    got = precision_recall(torch.tensor(real), torch.tensor(fake), k=3, block_size=block_size, device="cpu")
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_precision_recall_rejects_too_few_samples_and_mismatched_widths():
+    x = np.zeros((3, 4))
+    with pytest.raises(ValueError, match="more than k=3"):
+        precision_recall(x, np.ones((10, 4)), k=3, device="cpu")
+    with pytest.raises(ValueError, match="differ in width"):
+        precision_recall(np.ones((10, 4)), np.ones((10, 5)), device="cpu")
+
+
+# -- PSNR and SSIM ---------------------------------------------------------------------------
+
+def image_pairs(seed: int = 9):
+    """Smooth uint8 images (B, 3, 40, 48) and noisy copies of them."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:40, 0:48]
+    base = np.stack([np.sin(xx / (5 + i)) + np.cos(yy / (4 + c)) for i in range(4) for c in range(3)])
+    base = ((base - base.min()) / np.ptp(base) * 255).reshape(4, 3, 40, 48)
+    noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255)
+    return torch.from_numpy(base.round().astype(np.uint8)), torch.from_numpy(noisy.round().astype(np.uint8))
+
+
+def test_psnr_and_ssim_of_uint8_images_match_scikit_image():
+    a, b = image_pairs()
+    got_psnr, got_ssim = psnr(a, b), ssim(a, b)
+    for i in range(len(a)):
+        x, y = a[i].permute(1, 2, 0).numpy(), b[i].permute(1, 2, 0).numpy()
+        assert float(got_psnr[i]) == pytest.approx(peak_signal_noise_ratio(x, y, data_range=255), rel=1e-12)
+        assert float(got_ssim[i]) == pytest.approx(
+            structural_similarity(x, y, channel_axis=-1, data_range=255), rel=1e-10)
+
+
+@pytest.mark.parametrize("scale,offset,data_range", [(1 / 255, 0.0, 1.0), (2 / 255, -1.0, 2.0)])
+def test_ssim_of_float_images_uses_the_range_given(scale, offset, data_range):
+    a, b = image_pairs(10)
+    fa, fb = a.double() * scale + offset, b.double() * scale + offset
+    got = ssim(fa, fb, data_range=data_range)
+    for i in range(len(a)):
+        x, y = fa[i].permute(1, 2, 0).numpy(), fb[i].permute(1, 2, 0).numpy()
+        assert float(got[i]) == pytest.approx(
+            structural_similarity(x, y, channel_axis=-1, data_range=data_range), rel=1e-10)
+    # A data range twice too wide inflates SSIM, the error this module guards against.
+    assert (ssim(fa, fb, data_range=2 * data_range) > got).all()
+
+
+def test_psnr_ssim_require_a_data_range_for_float_images():
+    a, b = image_pairs()
+    with pytest.raises(ValueError, match="data_range is needed"):
+        ssim(a.float(), b.float())
+    with pytest.raises(ValueError, match="differ in shape"):
+        psnr(a, b[:, :, :20])
+    assert torch.isinf(psnr(a, a)).all()
+    assert ssim(a, a) == pytest.approx(torch.ones(len(a), dtype=torch.float64))
