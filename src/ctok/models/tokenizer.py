@@ -214,14 +214,16 @@ class Tokenizer(nn.Module):
         order = torch.rand(batch, n, device=device).argsort(dim=1)
         return order < k if k else torch.zeros(batch, n, dtype=torch.bool, device=device)
 
-    def training_forward(self, x: torch.Tensor, mask_ratio: float | None = None) -> TrainingOutput:
+    def training_forward(self, x: torch.Tensor, mask_ratio: float | None = None,
+                         mask: torch.Tensor | None = None) -> TrainingOutput:
         """Encode (with mask modelling when enabled and in train mode) and decode.
 
         ``mask_ratio`` None draws it from the published distribution; a number fixes it (the
-        decoder fine-tuning stage anneals it to 0).
+        decoder fine-tuning stage anneals it to 0). ``mask`` (B, num_patches) bool, True = masked,
+        is used as given: the trainer draws it per sample so that it does not depend on how the
+        batch is split over processes.
         """
-        mask = None
-        if self.masks_tokens and self.training:
+        if mask is None and self.masks_tokens and self.training:
             ratio = self.sample_mask_ratio() if mask_ratio is None else mask_ratio
             if ratio > 0:
                 mask = self.random_mask(x.shape[0], ratio, x.device)

@@ -1,0 +1,303 @@
+"""Tokenizer training: configs, the mask, the discriminator objective, and whole runs on the CPU.
+
+The slow tests train the packaged tiny configs on the real Fashion-MNIST files (CI installs them):
+convergence, two processes against one, and a run killed with SIGKILL and resumed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from scipy.stats import norm
+
+from ctok.cli import main
+from ctok.data.fashion_mnist import SYSTEM_DIR
+from ctok.losses import hinge_discriminator_loss
+from ctok.models.tokenizer import config_from_dict
+from ctok.training.checkpoint import list_checkpoints, load_checkpoint
+from ctok.training.config import load_config, packaged_config_names
+from ctok.training.tokenizer import (DiscriminatorObjective, MaskSchedule, TokenizerTrainConfig, random_patch_mask,
+                                     tokenizer_config)
+
+RECIPES = [n for n in packaged_config_names() if n.startswith(("softvq-", "maetok-"))]
+
+
+def test_every_recipe_is_packaged_and_valid():
+    expected = {f"softvq-{s}-{n}" for s in ("b", "bl", "l") for n in (32, 64)} | {
+        "maetok-b-128", "maetok-b-128-512", "softvq-bl-64-512", "softvq-l-32-512",
+        "maetok-b-128-decoder", "maetok-b-128-512-decoder"}
+    assert expected <= set(RECIPES)
+    for name in RECIPES + ["tiny-maetok", "tiny-softvq"]:
+        cfg = load_config(TokenizerTrainConfig, name)
+        tokenizer_config(cfg.model)
+
+
+def test_recipes_encode_the_published_numbers():
+    mae = load_config(TokenizerTrainConfig, "maetok-b-128")
+    assert (mae.data.batch_size, mae.run.max_steps, mae.optim.lr, mae.optim.scale_lr) == (512, 500000, 1e-4, True)
+    assert (mae.optim.betas, mae.optim.weight_decay, mae.optim.warmup_steps, mae.optim.grad_clip) == \
+        ((0.9, 0.95), 1e-4, 10000, 1.0)
+    assert (mae.gan.weight, mae.gan.adaptive_weight, mae.gan.start_step, mae.gan.lecam_weight,
+            mae.gan.consistency_weight, mae.gan.discriminator, mae.loss.perceptual_warmup) == \
+        (0.4, True, 30000, 0.001, 4.0, "dino", 10000)
+    assert (mae.auxiliary.width, mae.auxiliary.depth, mae.auxiliary.num_heads) == (192, 3, 3)
+    assert config_from_dict(tokenizer_config(mae.model))[1].enc_token_drop == 0.4 and mae.ema.decay == 0.9999
+    stage2 = load_config(TokenizerTrainConfig, "maetok-b-128-decoder")
+    assert stage2.init.freeze_encoder and not stage2.auxiliary.enabled and stage2.init.tokenizer
+    assert (stage2.masking.schedule, stage2.masking.anneal_from, stage2.masking.anneal_steps) == ("anneal", 0.6, 50000)
+    soft = load_config(TokenizerTrainConfig, "softvq-l-64")
+    assert (soft.data.batch_size, soft.gan.weight, soft.gan.start_step, soft.alignment.weight) == (256, 0.2, 20000, 0.1)
+    assert soft.init.encoder == "vit_large_patch14_dinov2.lvd142m"
+    assert config_from_dict(tokenizer_config(soft.model))[1].entropy_loss_ratio == 0.01
+
+
+def test_unknown_keys_are_rejected(capsys):
+    assert main(["train-tokenizer", "--config", "tiny-maetok", "model.codebok_size=4"]) == 2
+    assert "unknown config key(s) ['model.codebok_size']" in capsys.readouterr().err
+    assert main(["train-tokenizer", "--config", "tiny-maetok", "gan.wieght=1"]) == 2
+    assert "'gan.wieght'" in capsys.readouterr().err
+
+
+def test_missing_pretrained_weights_fail_at_start_naming_each_file(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (300, 280), (10, 20, 30)).save(images / "a.png")
+    code = main(["train-tokenizer", "--config", "maetok-b-128", f"data.images={images}",
+                 f"run.out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for name in ("vgg16-397923af.pth", "timm/vit_small_patch16_224.dino", "timm/vit_large_patch14_dinov2.lvd142m",
+                 "timm/vit_so400m_patch14_siglip_224.webli", "teachers.siglip_file", "4 pretrained network(s)"):
+        assert name in err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_options_that_cannot_work_together_are_named(tmp_path, capsys):
+    base = ["train-tokenizer", "--config", "tiny-softvq", f"run.out_dir={tmp_path}"]
+    assert main(base + ["auxiliary.enabled=true"]) == 2
+    assert "need a tokenizer with model.enc_token_drop > 0" in capsys.readouterr().err
+    assert main(base + ["data.images=null"]) == 2
+    assert "set data.images" in capsys.readouterr().err
+
+
+# -- the mask ----------------------------------------------------------------------------------
+def test_published_mask_ratios_stay_in_bounds_with_the_published_mean():
+    schedule = MaskSchedule(0.4, 0.6)
+    ratios = torch.tensor([schedule.ratio(0, (i + 0.5) / 2000) for i in range(2000)])
+    assert ratios.min() >= 0.4 and ratios.max() <= 0.6
+    # Mean of N(0.6, 0.25^2) truncated to [0.4, 0.6]: loc + scale (phi(a) - phi(b)) / (Phi(b) - Phi(a)).
+    a, b = (0.4 - 0.6) / 0.25, 0.0
+    mean = 0.6 + 0.25 * (norm.pdf(a) - norm.pdf(b)) / (norm.cdf(b) - norm.cdf(a))
+    assert ratios.mean().item() == pytest.approx(mean, abs=1e-4)
+    assert mean == pytest.approx(0.5052, abs=1e-4)
+    # The mode is the upper bound: the upper half of the range is the likelier.
+    assert (ratios > 0.5).float().mean() > 0.5
+
+
+def test_annealed_mask_ratio():
+    schedule = MaskSchedule(0.4, 0.6, schedule="anneal", start=0.6, steps=100)
+    assert [schedule.ratio(s, 0.9) for s in (0, 50, 100, 150)] == pytest.approx([0.6, 0.3, 0.0, 0.0])
+
+
+def test_patch_mask_masks_the_rounded_share_per_sample():
+    uniform = torch.rand(5, 16)
+    mask = random_patch_mask(uniform, 0.45)
+    assert mask.shape == (5, 16) and mask.sum(1).tolist() == [7] * 5
+    # The mask of a sample depends on its own draws only: splitting the batch changes nothing.
+    assert torch.equal(torch.cat([random_patch_mask(uniform[:2], 0.45), random_patch_mask(uniform[2:], 0.45)]), mask)
+    assert random_patch_mask(uniform, 0.01) is None
+
+
+# -- the discriminator objective ----------------------------------------------------------------
+class MeanCritic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.scale * x.mean(dim=(1, 2, 3))
+
+
+def test_discriminator_objective_formula():
+    real, fake = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8) - 0.5
+    objective = DiscriminatorObjective(MeanCritic(), loss="hinge", lecam_weight=0.5, consistency_weight=0.0,
+                                       diffaugment=False)
+    out = objective(real, fake, rand=None, gan_weight=0.4)
+    lr, lf = 2 * real.mean((1, 2, 3)), 2 * fake.mean((1, 2, 3))
+    anchor_real, anchor_fake = 0.001 * lr.mean(), 0.001 * lf.mean()
+    lecam = torch.relu(lr - anchor_fake).square().mean() + torch.relu(anchor_real - lf).square().mean()
+    expected = 0.4 * (hinge_discriminator_loss(lr, lf) + 0.5 * lecam)
+    torch.testing.assert_close(out["loss/discriminator"], expected)
+    torch.testing.assert_close(out["disc/lecam"], lecam)
+
+
+def test_consistency_term_is_added_unscaled():
+    real, fake = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    torch.manual_seed(0)
+    with_cr = DiscriminatorObjective(MeanCritic(), loss="hinge", lecam_weight=0.0, consistency_weight=4.0,
+                                     diffaugment=False)(real, fake, rand=None, gan_weight=0.5)
+    lr, lf = 2 * real.mean((1, 2, 3)), 2 * fake.mean((1, 2, 3))
+    torch.testing.assert_close(with_cr["loss/discriminator"],
+                               0.5 * hinge_discriminator_loss(lr, lf) + 4.0 * with_cr["disc/consistency"])
+    assert with_cr["disc/consistency"] > 0
+
+
+# -- whole runs (slow) ----------------------------------------------------------------------------
+needs_fashion_mnist = pytest.mark.skipif(not SYSTEM_DIR.is_dir() and not os.environ.get("CTOK_FASHION_MNIST"),
+                                         reason="Fashion-MNIST files not installed (apt-get install dataset-fashion-mnist)")
+FAST = ["data.batch_size=4", "samples.num_images=2", "loss.perceptual_weight=0", "gan.start_step=1",
+        "run.log_every=1"]
+
+
+def _train(args: list[str], *, torchrun: int = 0, env: dict | None = None, wait: bool = True):
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+                "-m", "ctok"] if torchrun else [sys.executable, "-m", "ctok"]) + ["train-tokenizer", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+@pytest.mark.parametrize("config", ["tiny-maetok", "tiny-softvq"])
+def test_tiny_config_learns_to_reconstruct(config, tmp_path):
+    """A few hundred steps with everything on (masking + auxiliary decoders, or alignment + entropy;
+    LPIPS; the GAN from step 100) bring the reconstruction error well below its start."""
+    from ctok.hub import load_tokenizer
+
+    run = tmp_path / "run"
+    _train(["--config", config, f"run.out_dir={run}", "run.max_steps=200", "run.log_every=10",
+            "run.ckpt_every=200", "data.batch_size=8", "gan.start_step=100"])
+    log = _log(run)
+    first, last = log[0]["rec"], sum(r["rec"] for r in log[-3:]) / 3
+    assert last < 0.5 * first, f"reconstruction MSE went from {first:.4f} to {last:.4f}"
+    assert {"loss/discriminator", "disc/consistency", "disc/lecam", "gan/adaptive_weight"} <= set(log[-1])
+    assert ({"aux/hog", "aux/dinov2", "aux/siglip", "mask_ratio"} if config == "tiny-maetok"
+            else {"align", "entropy", "codebook_usage"}) <= set(log[-1])
+    tokenizer = load_tokenizer(run / "final")
+    assert (run / "samples" / "step-00000200.png").is_file() and (run / "config.yaml").is_file()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert tokenizer.decode(tokenizer.encode(images)).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_image_folder_with_an_unreadable_file_and_patchgan(tmp_path):
+    """ImageNet-layout folder, random ADM crops, one corrupt file: it is skipped and counted, the run goes on."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        folder = tmp_path / "images" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "images" / "class1" / "broken.png").write_bytes(b"not a png at all")
+    run = tmp_path / "run"
+    _train(["--config", "tiny-softvq", *FAST, f"data.images={tmp_path / 'images'}", "data.crop=random",
+            "gan.discriminator=patchgan", "gan.patchgan_width=8", "run.max_steps=2", "run.ckpt_every=2",
+            f"run.out_dir={run}"])
+    log = _log(run)
+    assert sum(r["skipped_files"] for r in log) == 1
+    assert "loss/discriminator" in log[-1] and (run / "final" / "model.safetensors").is_file()
+
+
+_RANK_DUMP = """
+import sys, torch
+from ctok.training import runner as R
+save = R.Runner._save_checkpoint
+def dump(self, step, sampler):
+    torch.save({n: m.module.state_dict() for n, m in self.members.items()},
+               f"{self.run_dir}/rank{self.ctx.rank}-step{step}.pt")
+    save(self, step, sampler)
+R.Runner._save_checkpoint = dump
+from ctok.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_two_processes_train_like_one(tmp_path):
+    """torchrun with 2 CPU processes: replicas stay identical, and equal a 1-process run of the same global batch."""
+    script = tmp_path / "dump_ranks.py"
+    script.write_text(_RANK_DUMP)
+    args = ["--config", "tiny-maetok", *FAST, "run.max_steps=3", "run.ckpt_every=3"]
+    for name, procs in (("one", 1), ("two", 2)):
+        command = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+                                      if procs > 1 else []) + [str(script), "train-tokenizer", *args,
+                                                                f"run.out_dir={tmp_path / name}"]
+        result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                                timeout=1800)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "rank0-step3.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}-step3.pt", weights_only=True) for r in range(2)]
+    for module in ("model", "discriminator"):
+        for key, value in one[module].items():
+            assert torch.equal(ranks[0][module][key], ranks[1][module][key]), f"replicas differ at {module}.{key}"
+            torch.testing.assert_close(ranks[0][module][key], value, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{module}.{key}: {m}")
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_killed_run_resumes_exactly(tmp_path):
+    args = ["--config", "tiny-maetok", *FAST, "run.max_steps=6", "run.ckpt_every=2", "run.keep_last=2"]
+    _train(args + [f"run.out_dir={tmp_path / 'straight'}"])
+
+    killed = tmp_path / "killed"
+    process = _train(args + [f"run.out_dir={killed}"], wait=False)
+    deadline = time.time() + 1200
+    while not (killed / "checkpoints" / "step-00000004.pt").exists():
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "checkpoints" / "step-00000006.pt").exists(), "the run ended before it was killed"
+    for step, path in list_checkpoints(killed / "checkpoints"):
+        assert load_checkpoint(path)["step"] == step  # every checkpoint left behind is whole
+    _train(args + [f"run.out_dir={killed}"])
+
+    ours = load_checkpoint(killed / "checkpoints" / "step-00000006.pt")
+    reference = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step-00000006.pt")
+    for part in ("modules", "ema", "optimizers"):
+        _assert_same(ours[part], reference[part], part)
+    log = _log(killed)
+    assert [r["step"] for r in log] == list(range(1, 7))  # the lines past the last checkpoint were redone once
+    assert math.isclose(log[-1]["loss"], _log(tmp_path / "straight")[-1]["loss"], rel_tol=1e-5)
+
+
+def _assert_same(a, b, where: str):
+    if isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
