@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.measure import copy_rate, gemm_rate, machine, throughput, timed
+from benchmarks.measure import copy_rate, gemm_rate, machine, throughput
 from ctok.models.diffusion_transformer import build_preset as build_generator
 from ctok.models.tokenizer import build_preset as build_tokenizer
 
@@ -44,7 +44,6 @@ def tokenizer_rows(device, gemm, *, batch: int, image_size: int, compile_model: 
 
         rows.append(throughput(f"{preset} encode {image_size}px", encode, batch, device, gemm))
         rows.append(throughput(f"{preset} decode {image_size}px", decode, batch, device, gemm))
-        del tok
     return rows
 
 
@@ -92,7 +91,6 @@ def training_rows(device, gemm, *, batch: int, image_size: int) -> list[dict]:
 
     rows.append(throughput(f"maetok-b-128 train step (MSE only) {image_size}px", tok_step, batch, device, gemm,
                            repeats=3))
-    del tok, opt
     sit = build_generator("SiT-XL/1", input_size=128, in_channels=32).to(device).train()
     opt = torch.optim.AdamW(sit.parameters(), lr=1e-4)
     z = torch.randn(batch, 128, 32, device=device)

@@ -18,7 +18,6 @@ CONFORMANCE = SHARED / "conformance"
 def conformance_case(name: str):
     """(config dict, state dict, io dict) of a shared conformance case, rebuilt from its manifest."""
     import torch
-    from safetensors.torch import load_file  # noqa: F401  (keeps the import error close to the use)
 
     if not CONFORMANCE.is_dir():
         pytest.fail(f"conformance fixtures not found at {CONFORMANCE}; set CTOK_SHARED to the shared/ folder")

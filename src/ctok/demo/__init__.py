@@ -1,0 +1,1 @@
+"""The end-to-end demo: pipeline.py runs the stages, report.py writes the page."""

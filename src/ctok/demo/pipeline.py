@@ -1,0 +1,297 @@
+"""The demo, stage by stage: every stage is a ctok command or library call, and every stage resumes.
+
+    1. data        Fashion-MNIST (32 x 32, 3 channels); the test split saved as the FID reference
+    2. tokenizer   ctok train-tokenizer (a small MAETok, mask modelling on, no downloaded teachers)
+    3. reconstruct the test split through the tokenizer: PSNR, SSIM, reconstruction FID
+    4. latents     ctok cache-latents on the train split
+    5. generator   ctok train-sit on the cached latents (class-conditional, label dropout for guidance)
+    6. generate    ctok generate, class-balanced, with and without guidance
+    7. evaluate    generation FID and class accuracy with the packaged Fashion-MNIST classifier
+    8. report      report.html, metrics.json, PNGs
+
+A stage whose outputs exist is skipped; the trainers and ``generate`` continue an interrupted run
+from their own checkpoints, so running the demo again after an interruption picks up where it was.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    tokenizer_steps: int
+    tokenizer_batch: int
+    generator_steps: int
+    generator_batch: int
+    num_images: int  # generated, class-balanced
+    sampling_steps: int
+    cfg_scale: float
+    reference_images: int  # test images used for the FID reference and the reconstruction metrics
+    train_images: int  # training images cached for the SiT
+    seed: int = 0
+
+
+DEFAULT = DemoSettings(tokenizer_steps=1200, tokenizer_batch=64, generator_steps=2000, generator_batch=128,
+                       num_images=1000, sampling_steps=20, cfg_scale=3.0, reference_images=10000, train_images=60000)
+QUICK = DemoSettings(tokenizer_steps=40, tokenizer_batch=32, generator_steps=60, generator_batch=64,
+                     num_images=100, sampling_steps=8, cfg_scale=3.0, reference_images=500, train_images=2000)
+
+TARGETS = {
+    "test_psnr_db": ">= 22 dB",
+    "class_accuracy": ">= 75% with guidance",
+    "gfid": "clearly below random_latent_fid",
+}
+
+
+def say(message: str) -> None:
+    tqdm.write(f"\n== {message}")
+
+
+def run_cli(*argv: str) -> None:
+    from ctok.cli import main
+
+    code = main([str(a) for a in argv])
+    if code:
+        raise RuntimeError(f"`ctok {' '.join(map(str, argv))}` failed (exit code {code}); see the message above")
+
+
+class Demo:
+    def __init__(self, out: Path, data: str | None, settings: DemoSettings):
+        self.out = Path(out)
+        self.settings = settings
+        self.data_arg = data
+        self.metrics_path = self.out / "metrics.json"
+        self.metrics: dict = json.loads(self.metrics_path.read_text()) if self.metrics_path.exists() else {}
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def record(self, **values) -> None:
+        self.metrics.update(values)
+        tmp = self.metrics_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.metrics, indent=2) + "\n")
+        tmp.replace(self.metrics_path)
+
+    def check_settings(self) -> None:
+        """A rerun in the same folder continues only with the settings it started with."""
+        stamp = self.out / "settings.json"
+        current = asdict(self.settings)
+        if stamp.exists():
+            previous = json.loads(stamp.read_text())
+            if previous != current:
+                changed = sorted(k for k in current if current[k] != previous.get(k))
+                raise ValueError(f"{self.out} holds a demo run with other settings ({', '.join(changed)}); "
+                                 "use another --out, or delete that folder to start over")
+        else:
+            stamp.write_text(json.dumps(current, indent=2) + "\n")
+
+    # -- stages --------------------------------------------------------------------------------
+    def data(self) -> None:
+        from ctok.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist_raw
+        from ctok.metrics.sample_npz import write_npz_images
+
+        self.fmnist = find_fashion_mnist(self.data_arg)
+        say(f"Stage 1/8 data: Fashion-MNIST from {self.fmnist}")
+        self.reference = self.out / "data" / "test_reference.npz"
+        if not self.reference.exists():
+            raw, labels = load_fashion_mnist_raw("test", self.fmnist)
+            n = self.settings.reference_images
+            images = np.pad(raw[:n].numpy(), ((0, 0), (2, 2), (2, 2)))[..., None].repeat(3, axis=-1)
+            self.reference.parent.mkdir(parents=True, exist_ok=True)
+            write_npz_images(self.reference, [images], len(images))
+            np.save(self.out / "data" / "test_labels.npy", labels[:n].numpy())
+            tqdm.write(f"   wrote the first {n} test images (padded to 32 x 32) as the FID reference")
+
+    def tokenizer(self) -> None:
+        s = self.settings
+        self.tokenizer_dir = self.out / "runs" / "tokenizer" / "final"
+        say(f"Stage 2/8 tokenizer: training a small MAETok for {s.tokenizer_steps} steps (mask modelling on)")
+        if self.tokenizer_dir.joinpath("model.safetensors").exists():
+            tqdm.write("   done before: " + str(self.tokenizer_dir))
+            return
+        run_cli("train-tokenizer", "--config", "demo-maetok",
+                f"run.out_dir={self.out / 'runs' / 'tokenizer'}", f"run.max_steps={s.tokenizer_steps}",
+                f"data.images={self.fmnist}", f"data.batch_size={s.tokenizer_batch}", f"run.seed={s.seed}")
+
+    def reconstruct(self) -> None:
+        from ctok.hub import load_tokenizer
+        from ctok.metrics import psnr, ssim
+        from ctok.metrics.evaluator import evaluate
+        from ctok.metrics.sample_npz import NpzImages, write_npz_images
+
+        say("Stage 3/8 reconstruct: the test images through the tokenizer (PSNR, SSIM, reconstruction FID)")
+        if "test_psnr_db" in self.metrics:
+            tqdm.write("   done before")
+            return
+        tok = load_tokenizer(self.tokenizer_dir)
+        originals = NpzImages(self.reference)
+        recs, psnrs, ssims = [], [], []
+        for batch in tqdm(originals.batches(250), total=-(-len(originals) // 250), desc="reconstruct"):
+            x = _nchw(batch)
+            with torch.no_grad():
+                rec = _to_uint8(tok.decode(tok.encode(x.float() / 127.5 - 1)))
+            recs.append(rec)
+            # On the uint8 images, as the reconstructions are saved and as peers report them.
+            psnrs.append(psnr(_nchw(rec), x).numpy())
+            ssims.append(ssim(_nchw(rec), x).numpy())
+        rec_path = self.out / "reconstruct" / "reconstructions.npz"
+        rec_path.parent.mkdir(parents=True, exist_ok=True)
+        write_npz_images(rec_path, recs, sum(len(r) for r in recs))
+        _save_pairs(next(originals.batches(12)), recs[0][:12], self.out / "reconstructions.png")
+        rfid = evaluate(rec_path, self.reference, self.classifier, progress=False, num_workers=0)["fid"]
+        self.record(test_psnr_db=float(np.concatenate(psnrs).mean()), test_ssim=float(np.concatenate(ssims).mean()),
+                    rfid=rfid)
+        tqdm.write(f"   PSNR {self.metrics['test_psnr_db']:.2f} dB, SSIM {self.metrics['test_ssim']:.3f}, "
+                   f"rFID {rfid:.2f}")
+
+    def random_latent_fid(self) -> None:
+        """The FID of decoding random latents: the score of a generator that learned nothing.
+
+        N(0, 1) in the normalised space the SiT works in, mapped back with the normalisation it
+        recorded, exactly as ``ctok generate`` decodes its samples.
+        """
+        from ctok.hub import load_tokenizer, read_config
+        from ctok.metrics.evaluator import evaluate
+        from ctok.metrics.sample_npz import write_npz_images
+
+        tok = load_tokenizer(self.tokenizer_dir)
+        stats = read_config(self.generator_dir)["latent_stats"]
+        g = torch.Generator().manual_seed(self.settings.seed)
+        z = torch.randn(self.settings.num_images, tok.num_tokens, tok.latent_dim, generator=g)
+        with torch.no_grad():
+            images = _to_uint8(tok.decode(z * stats["std"] + stats["mean"]))
+        path = self.out / "reconstruct" / "random_latents.npz"
+        write_npz_images(path, [images], len(images))
+        self.record(random_latent_fid=evaluate(path, self.reference, self.classifier, progress=False,
+                                               num_workers=0)["fid"])
+
+    def latents(self) -> None:
+        say("Stage 4/8 latents: encoding the train split once (ctok cache-latents)")
+        self.latent_dir = self.out / "latents"
+        run_cli("cache-latents", "--tokenizer", self.tokenizer_dir, "--data", self.fmnist, "--out", self.latent_dir,
+                "--batch-size", 500, "--num-workers", 0, "--device", "cpu", "--limit", self.settings.train_images)
+
+    def generator(self) -> None:
+        s = self.settings
+        self.generator_dir = self.out / "runs" / "sit" / "final"
+        say(f"Stage 5/8 generator: training a class-conditional SiT for {s.generator_steps} steps on the latents")
+        if self.generator_dir.joinpath("model.safetensors").exists():
+            tqdm.write("   done before: " + str(self.generator_dir))
+            return
+        run_cli("train-sit", "--config", "demo-sit", f"run.out_dir={self.out / 'runs' / 'sit'}",
+                f"run.max_steps={s.generator_steps}", f"data.latents={self.latent_dir}",
+                f"data.batch_size={s.generator_batch}", f"run.seed={s.seed}")
+
+    def generate(self) -> None:
+        s = self.settings
+        say(f"Stage 6/8 generate: {s.num_images} class-balanced images, {s.sampling_steps} Heun steps, "
+            f"guidance {s.cfg_scale} and none")
+        for name, scale in (("samples", s.cfg_scale), ("samples_no_guidance", 1.0)):
+            run_cli("generate", "--tokenizer", self.tokenizer_dir, "--model", self.generator_dir,
+                    "--out", self.out / name, "--num-images", s.num_images, "--cfg-scale", scale,
+                    "--steps", s.sampling_steps, "--solver", "heun", "--seed", s.seed, "--batch-size", 250,
+                    "--device", "cpu")
+
+    def evaluate(self) -> None:
+        from ctok.metrics.evaluator import evaluate
+        from ctok.metrics.sample_npz import NpzImages
+
+        say("Stage 7/8 evaluate: generation FID and class accuracy (packaged Fashion-MNIST classifier)")
+        self.random_latent_fid()
+        for name, suffix in (("samples", ""), ("samples_no_guidance", "_no_guidance")):
+            npz = self.out / name / "samples.npz"
+            fid = evaluate(npz, self.reference, self.classifier, progress=False, num_workers=0)["fid"]
+            images = NpzImages(npz)
+            predicted = []
+            for batch in images.batches(500):
+                x = _nchw(batch).float() / 127.5 - 1
+                with torch.no_grad():
+                    predicted.append(self.classifier(x)["logits"].argmax(-1))
+            labels = torch.arange(len(images)) % 10  # generate's class-balanced default: image i has class i mod 10
+            accuracy = float((torch.cat(predicted) == labels).float().mean())
+            self.record(**{f"gfid{suffix}": fid, f"class_accuracy{suffix}": accuracy})
+        tqdm.write(f"   FID {self.metrics['gfid']:.2f} (random latents: {self.metrics['random_latent_fid']:.2f}), "
+                   f"class accuracy {self.metrics['class_accuracy']:.1%} with guidance, "
+                   f"{self.metrics['class_accuracy_no_guidance']:.1%} without")
+
+    def report(self) -> Path:
+        from ctok.demo.report import plot_losses, write_report
+
+        say("Stage 8/8 report")
+        _class_rows(self.out / "samples" / "samples.npz", self.out / "samples_by_class.png", per_class=10)
+        curves = plot_losses({"tokenizer": self.out / "runs" / "tokenizer" / "log.jsonl",
+                              "SiT": self.out / "runs" / "sit" / "log.jsonl"}, self.out / "loss_curves.png")
+        figures = [
+            ("Reconstructions", self.out / "reconstructions.png", "test images (odd columns) and their reconstructions"),
+            ("Generated samples", self.out / "samples_by_class.png",
+             f"one row per class (T-shirt ... ankle boot), guidance scale {self.settings.cfg_scale}"),
+            ("Loss curves", curves, "training losses of the tokenizer and of the SiT (log scale)"),
+        ]
+        return write_report(self.out, {**self.metrics, "targets": TARGETS}, figures, asdict(self.settings))
+
+
+def _nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) as saved -> uint8 tensor (B, 3, H, W)."""
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # a copy: npz batches are read-only
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    from ctok.commands.generate import to_uint8
+
+    return to_uint8(images).permute(0, 2, 3, 1).numpy()
+
+
+def _save_pairs(originals: np.ndarray, recs: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    pairs = np.stack([originals, recs], axis=1).reshape(-1, *originals.shape[1:])  # o1 r1 o2 r2 ...
+    n, h, w, _ = pairs.shape
+    cols = 8
+    rows = -(-n // cols)
+    canvas = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for i, image in enumerate(pairs):
+        r, c = divmod(i, cols)
+        canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = image
+    Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def _class_rows(npz: Path, path: Path, per_class: int) -> None:
+    """A grid with one row per class from class-balanced samples (image i has class i mod 10)."""
+    from PIL import Image
+
+    from ctok.metrics.sample_npz import NpzImages
+
+    images = next(NpzImages(npz).batches(10 * per_class))
+    n, h, w, _ = images.shape
+    canvas = np.full((10 * (h + 2), per_class * (w + 2), 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        cls, col = i % 10, i // 10
+        canvas[cls * (h + 2):cls * (h + 2) + h, col * (w + 2):col * (w + 2) + w] = image
+    Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def run_demo(out: str | Path, data: str | None = None, quick: bool = False) -> Path:
+    from ctok.models.fmnist_classifier import load_fmnist_classifier, packaged_record
+
+    start = time.time()
+    demo = Demo(Path(out), data, QUICK if quick else DEFAULT)
+    demo.out.mkdir(parents=True, exist_ok=True)
+    demo.check_settings()
+    demo.classifier = load_fmnist_classifier()
+    demo.record(classifier_test_accuracy=packaged_record()["test_accuracy"])
+    for stage in (demo.data, demo.tokenizer, demo.reconstruct, demo.latents, demo.generator, demo.generate,
+                  demo.evaluate):
+        stage()
+    report = demo.report()
+    for name in ("tokenizer", "generator"):  # the trained models, where a user looks for them
+        src = demo.tokenizer_dir if name == "tokenizer" else demo.generator_dir
+        shutil.copytree(src, demo.out / name, dirs_exist_ok=True)
+    demo.record(elapsed_s_this_run=round(time.time() - start, 1))
+    say(f"done in {time.time() - start:.0f} s: open {report}")
+    return report
