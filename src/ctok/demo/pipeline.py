@@ -174,6 +174,9 @@ class Demo:
     def latents(self) -> None:
         say("Stage 4/8 latents: encoding the train split once (ctok cache-latents)")
         self.latent_dir = self.out / "latents"
+        if (self.latent_dir / "index.json").exists():  # written last, when every shard is complete
+            tqdm.write("   done before: " + str(self.latent_dir))
+            return
         run_cli("cache-latents", "--tokenizer", self.tokenizer_dir, "--data", self.fmnist, "--out", self.latent_dir,
                 "--batch-size", 500, "--num-workers", 0, "--device", "cpu", "--limit", self.settings.train_images)
 
