@@ -27,7 +27,7 @@ METRIC_MEANINGS = {
 
 
 def plot_losses(logs: dict[str, Path], out: Path) -> Path | None:
-    """One panel per run: every loss-like series of its log.jsonl against the step."""
+    """One panel per run: the loss terms of its log.jsonl (total, reconstruction, auxiliary) against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +39,8 @@ def plot_losses(logs: dict[str, Path], out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.6), squeeze=False)
     for ax, (name, records) in zip(axes[0], runs.items()):
-        keys = sorted({k for r in records for k in r if "loss" in k and isinstance(r[k], (int, float))})
+        keys = sorted({k for r in records for k in r
+                       if ("loss" in k or k == "rec" or k.startswith("aux/")) and isinstance(r[k], (int, float))})
         for key in keys:
             points = [(r["step"], r[key]) for r in records if key in r]
             ax.plot(*zip(*points), label=key)
