@@ -33,6 +33,14 @@ def conformance_case(name: str):
     return config, rebuild_state_dict(manifest, fixed), io
 
 
+def conformance_model(name: str, model_class):
+    """(model in eval mode with the case's weights, io dict) of a conformance case."""
+    config, state, io = conformance_case(name)
+    model = model_class.from_config(config)
+    model.load_state_dict(state)
+    return model.eval(), io
+
+
 @pytest.fixture(scope="session")
 def conformance_dir(tmp_path_factory):
     """Every conformance case written as a hub-style checkpoint folder (config.json + model.safetensors)."""

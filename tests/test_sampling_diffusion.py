@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_conforms, conformance_case
+from conftest import assert_conforms, conformance_case, conformance_model
 from ctok.models.diffusion_transformer import DiT
 from ctok.sampling import GaussianDiffusion, sample_dit
 from ctok.sampling.gaussian_diffusion import beta_schedule, space_timesteps
@@ -15,10 +15,7 @@ from ctok.sampling.gaussian_diffusion import beta_schedule, space_timesteps
 
 @pytest.fixture(scope="module")
 def dit_small():
-    config, state, io = conformance_case("dit_small")
-    model = DiT.from_config(config)
-    model.load_state_dict(state)
-    return model.eval(), io
+    return conformance_model("dit_small", DiT)
 
 
 def cosine_alpha_bar(t: np.ndarray) -> np.ndarray:

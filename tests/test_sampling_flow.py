@@ -7,17 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import assert_conforms, conformance_case
+from conftest import assert_conforms, conformance_case, conformance_model
 from ctok.models.diffusion_transformer import SiT
 from ctok.sampling import sample_sit
 
 
 @pytest.fixture(scope="module")
 def sit_small():
-    config, state, io = conformance_case("sit_small")
-    model = SiT.from_config(config)
-    model.load_state_dict(state)
-    return model.eval(), io
+    return conformance_model("sit_small", SiT)
 
 
 class GaussianFlow(torch.nn.Module):
