@@ -11,7 +11,14 @@ $(BIN)/ctok: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# Debian's Fashion-MNIST package where the machine allows it (root with apt-get); elsewhere the demo
+# says where else it looks ($$CTOK_FASHION_MNIST, --data, a torchvision download when online).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
 demo: $(BIN)/ctok
+	@if [ ! -d $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) || true; \
+	fi
 	$(BIN)/ctok demo --out demo-out
 
 test: $(BIN)/ctok
