@@ -108,16 +108,21 @@ class Demo:
             np.save(self.out / "data" / "test_labels.npy", labels[:n].numpy())
             tqdm.write(f"   wrote the first {n} test images (padded to 32 x 32) as the FID reference")
 
+    def train(self, command: str, config: str, run: str, steps: int, batch: int, *overrides: str) -> Path:
+        """Run a ctok trainer into runs/<run>, unless its exported final weights exist; returns that folder."""
+        final = self.out / "runs" / run / "final"
+        if final.joinpath("model.safetensors").exists():
+            tqdm.write(f"   done before: {final}")
+            return final
+        run_cli(command, "--config", config, f"run.out_dir={final.parent}", f"run.max_steps={steps}",
+                f"data.batch_size={batch}", f"run.seed={self.settings.seed}", *overrides)
+        return final
+
     def tokenizer(self) -> None:
         s = self.settings
-        self.tokenizer_dir = self.out / "runs" / "tokenizer" / "final"
         say(f"Stage 2/8 tokenizer: training a small MAETok for {s.tokenizer_steps} steps (mask modelling on)")
-        if self.tokenizer_dir.joinpath("model.safetensors").exists():
-            tqdm.write("   done before: " + str(self.tokenizer_dir))
-            return
-        run_cli("train-tokenizer", "--config", "demo-maetok",
-                f"run.out_dir={self.out / 'runs' / 'tokenizer'}", f"run.max_steps={s.tokenizer_steps}",
-                f"data.images={self.fmnist}", f"data.batch_size={s.tokenizer_batch}", f"run.seed={s.seed}")
+        self.tokenizer_dir = self.train("train-tokenizer", "demo-maetok", "tokenizer", s.tokenizer_steps,
+                                        s.tokenizer_batch, f"data.images={self.fmnist}")
 
     def reconstruct(self) -> None:
         from ctok.hub import load_tokenizer
@@ -182,14 +187,9 @@ class Demo:
 
     def generator(self) -> None:
         s = self.settings
-        self.generator_dir = self.out / "runs" / "sit" / "final"
         say(f"Stage 5/8 generator: training a class-conditional SiT for {s.generator_steps} steps on the latents")
-        if self.generator_dir.joinpath("model.safetensors").exists():
-            tqdm.write("   done before: " + str(self.generator_dir))
-            return
-        run_cli("train-sit", "--config", "demo-sit", f"run.out_dir={self.out / 'runs' / 'sit'}",
-                f"run.max_steps={s.generator_steps}", f"data.latents={self.latent_dir}",
-                f"data.batch_size={s.generator_batch}", f"run.seed={s.seed}")
+        self.generator_dir = self.train("train-sit", "demo-sit", "sit", s.generator_steps, s.generator_batch,
+                                        f"data.latents={self.latent_dir}")
 
     def generate(self) -> None:
         s = self.settings
