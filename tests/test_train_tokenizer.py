@@ -22,11 +22,11 @@ from scipy.stats import norm
 from ctok.cli import main
 from ctok.data.fashion_mnist import SYSTEM_DIR
 from ctok.losses import hinge_discriminator_loss
-from ctok.models.tokenizer import config_from_dict
+from ctok.models.tokenizer import Tokenizer, config_from_dict
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.config import load_config, packaged_config_names
-from ctok.training.tokenizer import (DiscriminatorObjective, MaskSchedule, TokenizerTrainConfig, random_patch_mask,
-                                     tokenizer_config)
+from ctok.training.tokenizer import (DiscriminatorObjective, MaskSchedule, TokenizerTrainConfig,
+                                     TokenizerTrainingModel, init_linear_xavier, random_patch_mask, tokenizer_config)
 
 RECIPES = [n for n in packaged_config_names() if n.startswith(("softvq-", "maetok-"))]
 
@@ -121,6 +121,38 @@ def test_patch_mask_masks_the_rounded_share_per_sample():
     # The mask of a sample depends on its own draws only: splitting the batch changes nothing.
     assert torch.equal(torch.cat([random_patch_mask(uniform[:2], 0.45), random_patch_mask(uniform[2:], 0.45)]), mask)
     assert random_patch_mask(uniform, 0.01) is None
+
+
+
+def _tiny_maetok() -> Tokenizer:
+    config = load_config(TokenizerTrainConfig, "tiny-maetok", []).model
+    return Tokenizer.from_config(tokenizer_config(config))
+
+
+def test_a_step_without_mask_is_unmasked_also_in_train_mode():
+    """Regression: once an annealed ratio reached 0 the tokenizer drew published 40-60% masks itself."""
+    torch.manual_seed(0)
+    tokenizer = _tiny_maetok()
+    assert tokenizer.masks_tokens
+    init_linear_xavier(tokenizer)  # with zero-initialised MoVQ modulations the latents would not reach the pixels
+    model = TokenizerTrainingModel(tokenizer, None, None).train()
+    x = torch.rand(2, 3, tokenizer.image_size, tokenizer.image_size) * 2 - 1
+    with torch.no_grad():
+        unmasked = model(x, None, {}).rec
+        masked = model(x, torch.ones(2, tokenizer.num_patches, dtype=torch.bool), {}).rec
+        assert torch.equal(unmasked, tokenizer.eval()(x))
+    assert not torch.allclose(unmasked, masked)
+
+
+def test_xavier_init_reaches_every_trainable_linear_layer():
+    tokenizer = _tiny_maetok()
+    init_linear_xavier(tokenizer)
+    for name, layer in tokenizer.named_modules():
+        if isinstance(layer, nn.Linear) and layer.weight.requires_grad:
+            bound = math.sqrt(6 / (layer.in_features + layer.out_features))
+            # xavier-uniform spans its bound; the default std-0.02 init stays far inside it
+            assert layer.weight.abs().max() > 0.9 * bound, name
+            assert not layer.bias.any(), name
 
 
 # -- the discriminator objective ----------------------------------------------------------------

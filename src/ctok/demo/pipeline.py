@@ -39,7 +39,7 @@ class DemoSettings:
     seed: int = 0
 
 
-DEFAULT = DemoSettings(tokenizer_steps=1200, tokenizer_batch=64, generator_steps=2000, generator_batch=128,
+DEFAULT = DemoSettings(tokenizer_steps=2000, tokenizer_batch=64, generator_steps=2000, generator_batch=128,
                        num_images=1000, sampling_steps=20, cfg_scale=3.0, reference_images=10000, train_images=60000)
 QUICK = DemoSettings(tokenizer_steps=40, tokenizer_batch=32, generator_steps=60, generator_batch=64,
                      num_images=100, sampling_steps=8, cfg_scale=3.0, reference_images=500, train_images=2000)
@@ -120,9 +120,11 @@ class Demo:
 
     def tokenizer(self) -> None:
         s = self.settings
-        say(f"Stage 2/8 tokenizer: training a small MAETok for {s.tokenizer_steps} steps (mask modelling on)")
+        say(f"Stage 2/8 tokenizer: training a small MAETok for {s.tokenizer_steps} steps (mask modelling on, "
+            f"its ratio annealed from 60% to 0 over the first half)")
         self.tokenizer_dir = self.train("train-tokenizer", "demo-maetok", "tokenizer", s.tokenizer_steps,
-                                        s.tokenizer_batch, f"data.images={self.fmnist}")
+                                        s.tokenizer_batch, f"data.images={self.fmnist}",
+                                        f"masking.anneal_steps={max(1, s.tokenizer_steps // 2)}")
 
     def reconstruct(self) -> None:
         from ctok.hub import load_tokenizer

@@ -80,6 +80,15 @@ class InitSection:
     encoder_file: str | None = None  # a local copy of its weights
     tokenizer: str | None = None  # a stage-one export (folder or hub id) to continue from
     freeze_encoder: bool = False  # train the decoder only (MAETok's decoder fine-tuning)
+    # How the tokenizer's linear layers start before any weights above are loaded: "trunc_normal"
+    # (std 0.02 with zero MoVQ modulations, timm's ViT default and the original's) or "xavier"
+    # (xavier-uniform weights and zero biases in every trainable linear layer, modulations included).
+    # The default starts slowly, which a long run does not notice and a short one does: the MoVQ
+    # decoder computes h * scale + shift at the latent positions, so zero modulations hide the
+    # latents from it, and std-0.02 attention averages all patches into near-identical latent
+    # tokens (on the CPU demo's tokenizer, 8 directions held 99% of the 256-number latent's
+    # variance after 500 steps). With xavier it reached 22 dB PSNR in 800 steps instead of 17 dB.
+    linear: Literal["trunc_normal", "xavier"] = "trunc_normal"
 
 
 @dataclass
@@ -263,7 +272,9 @@ class TokenizerTrainingModel(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None,
                 aux_targets: dict[str, torch.Tensor]) -> TokenizerForward:
-        out = self.tokenizer.training_forward(images, mask=mask)
+        # The trainer decides the masking: None is an unmasked step (an annealed ratio that reached
+        # 0, or rounds to no patch), which must not fall back to the tokenizer's own published draw.
+        out = self.tokenizer.training_forward(images, mask_ratio=0.0 if mask is None else None, mask=mask)
         projected = self.projection(out.z) if self.projection is not None else None
         aux = self.auxiliary(out.z, mask, aux_targets) if self.auxiliary is not None else {}
         return TokenizerForward(out.rec, out.z, out.entropy_loss, out.codebook_usage, projected, aux)
@@ -482,6 +493,15 @@ def build_discriminator(gan: GANSection, weights: Path | None) -> nn.Module:
     return DinoDiscriminator(backbone, input_size=gan.dino_input_size, key_blocks=tuple(gan.dino_key_blocks))
 
 
+def init_linear_xavier(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every trainable ``nn.Linear`` in ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear) and layer.weight.requires_grad:
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     """Train a tokenizer as ``cfg`` says; returns the folder of the exported EMA tokenizer."""
     from ctok.hub import load_weights, read_weights, resolve
@@ -500,6 +520,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size)
         tokenizer = Tokenizer.from_config(tok_config)
         c = tokenizer.config
+        if cfg.init.linear == "xavier":
+            init_linear_xavier(tokenizer)
         if cfg.init.encoder and not cfg.random_init_pretrained:
             load_pretrained_encoder(tokenizer.encoder.model, cfg.init.encoder, image_size=c.image_size,
                                     patch_size=c.enc_patch_size, weights=found.get("encoder initialisation"))
