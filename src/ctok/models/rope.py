@@ -43,28 +43,26 @@ def rotation_angles(freqs: torch.Tensor, pos_x: torch.Tensor, pos_y: torch.Tenso
     return angles.view(depth, pos_x.shape[0], num_heads, -1).transpose(1, 2)
 
 
-def rotation_tables(angles: torch.Tensor, start: int, total: int, dtype: torch.dtype):
-    """Per-layer multipliers over the whole token sequence: ``rotate(x) = x * mul + pair_swap(x) * swap_mul``.
+def rotation_tables(angles: torch.Tensor, start: int, total: int) -> torch.Tensor:
+    """Per-layer unit complex multipliers over the whole token sequence, (depth, heads, total, head_dim / 2).
 
     ``angles`` (depth, heads, N, head_dim / 2) are for the N tokens from ``start``; other positions
-    (class and latent tokens) get the identity (mul 1, swap_mul 0). Rotating the whole sequence this
-    way costs two fused passes, where slicing out the image tokens and concatenating them back
-    would copy q and k three more times in every layer.
+    (class and latent tokens) get the identity, 1 + 0i. Rotating the whole sequence by one complex
+    product is a single pass over q and k, where slicing out the image tokens and concatenating
+    them back would copy them three more times in every layer (and a real-valued cos / sin /
+    pair-swap formulation takes three passes; measured 4-7x slower on the CPU).
     """
-    depth, heads, n, _ = angles.shape
-    mul = angles.new_ones(depth, heads, total, 2 * angles.shape[-1])
-    swap_mul = torch.zeros_like(mul)
-    mul[:, :, start:start + n] = angles.cos().repeat_interleave(2, dim=-1)
-    sin = angles.sin()
-    swap_mul[:, :, start:start + n] = torch.stack([-sin, sin], dim=-1).flatten(-2)
-    return mul.to(dtype), swap_mul.to(dtype)
+    depth, heads, n, pairs = angles.shape
+    table = torch.ones(depth, heads, total, pairs, dtype=torch.complex64, device=angles.device)
+    table[:, :, start:start + n] = torch.polar(torch.ones_like(angles), angles.float())
+    return table
 
 
-def pair_swap(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...)."""
-    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+def apply_rotation(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2k, 2k+1) of x (B, heads, N, head_dim) by a layer's table.
 
-
-def apply_rotation(x: torch.Tensor, mul: torch.Tensor, swap_mul: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2k, 2k+1) of x (B, heads, N, head_dim) by the tables' angles."""
-    return torch.addcmul(x * mul, pair_swap(x), swap_mul)
+    The product is taken in complex64 (float32 parts): bfloat16 has no complex type, and the
+    rotation is cheap next to attention either way.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * table).flatten(-2).to(x.dtype)

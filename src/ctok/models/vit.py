@@ -65,7 +65,7 @@ def parse_vit_name(name: str, override: list | tuple | None = None) -> tuple[ViT
     return size, match["movq"] is not None
 
 
-RopeArgs = tuple[torch.Tensor, torch.Tensor]  # one layer's (mul, swap_mul) tables, see rope.rotation_tables
+RopeArgs = torch.Tensor  # one layer's complex rotation table, see rope.rotation_tables
 
 
 class Attention(nn.Module):
@@ -80,7 +80,7 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
-            q, k = apply_rotation(q, *rope), apply_rotation(k, *rope)
+            q, k = apply_rotation(q, rope), apply_rotation(k, rope)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
@@ -236,9 +236,9 @@ class LatentViT(nn.Module):
             for block in self.model.blocks:
                 x = block(x, latents)
             return x
-        mul, swap_mul = rotation_tables(self._rope_angles(), self.model.num_prefix_tokens, x.shape[1], x.dtype)
-        for i, block in enumerate(self.model.blocks):
-            x = block(x, latents, (mul[i], swap_mul[i]))
+        tables = rotation_tables(self._rope_angles(), self.model.num_prefix_tokens, x.shape[1])
+        for block, table in zip(self.model.blocks, tables):
+            x = block(x, latents, table)
         return x
 
 
