@@ -1,8 +1,8 @@
 """How the benchmarks time, count and compare, so that every figure is a ratio taken in one run.
 
-A lone wall-clock time says little on a shared machine; the same run's GEMM rate is the yardstick
-(``achieved GFLOP/s / GEMM GFLOP/s``), and each figure is the median of repeats after warm-up,
-reported with its spread (min and max).
+A lone wall-clock time says little on a shared machine; the GEMM rate is the yardstick
+(``achieved GFLOP/s / GEMM GFLOP/s``), timed in the same rounds as the code it judges, and each
+figure is the median of repeats after warm-up, reported with its spread (min and max).
 """
 from __future__ import annotations
 
@@ -32,7 +32,37 @@ def timed(fn, device: torch.device, *, warmup: int = 1, repeats: int = 5) -> dic
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+    return _stats(times)
+
+
+def _stats(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+
+
+def timed_side_by_side(fns: dict, device: torch.device, *, warmup: int = 1, repeats: int = 5) -> dict:
+    """``timed`` for several functions at once, run in rounds (a, b, c, a, b, c, ...).
+
+    On a machine whose speed drifts (a shared CPU, a GPU warming up) timing one function's repeats
+    after another's compares two different machines; in rounds each comparison is paired. Returns
+    per function its stats plus ``times``, the per-round seconds, for paired ratios (``paired_ratio``).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: {**_stats(t), "times": t} for name, t in times.items()}
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a's time / b's time (entries of one ``timed_side_by_side`` result)."""
+    return statistics.median(x / y for x, y in zip(a["times"], b["times"]))
 
 
 def count_flops(fn) -> int:
@@ -42,13 +72,24 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None) -> dict:
-    """The machine's reference: GFLOP/s of a large square matmul in ``dtype``."""
-    size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    t = timed(lambda: a @ b, device, warmup=2, repeats=7)
-    return {"size": size, "dtype": str(dtype).replace("torch.", ""), **t, "gflops": 2 * size**3 / t["median_s"] / 1e9}
+class Gemm:
+    """A large square matmul on the device: the yardstick that every row is timed beside."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None):
+        self.device = device
+        self.size = size or (8192 if device.type == "cuda" else 2048)
+        self.a = torch.randn(self.size, self.size, device=device, dtype=dtype)
+        self.b = torch.randn(self.size, self.size, device=device, dtype=dtype)
+        self.flops = 2 * self.size**3
+
+    def __call__(self) -> torch.Tensor:
+        return self.a @ self.b
+
+    def rate(self) -> dict:
+        """GFLOP/s, timed on its own (the figure printed as the machine's reference)."""
+        t = timed(self, self.device, warmup=2, repeats=7)
+        return {"size": self.size, "dtype": str(self.a.dtype).replace("torch.", ""), **t,
+                "gflops": self.flops / t["median_s"] / 1e9}
 
 
 def copy_rate(device: torch.device, megabytes: int = 512) -> dict:
@@ -100,13 +141,23 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def throughput(name: str, fn, items: int, device: torch.device, gemm_gflops: float, *, repeats: int = 5) -> dict:
-    """One row of the table: items/s, FLOPs per item, achieved GFLOP/s and its share of the GEMM rate."""
+def throughput(name: str, fn, items: int, device: torch.device, gemm: Gemm, *, repeats: int = 5) -> dict:
+    """One row of the table: items/s, FLOPs per item, achieved GFLOP/s and its share of the GEMM rate.
+
+    The share is paired: each round times ``fn`` and then the GEMM, and the row reports the median
+    over rounds of (achieved rate / GEMM rate), so that a machine that slows down during the suite
+    (thermal limits, a neighbour on a shared host) does not pass for a slow code path.
+    """
     flops = count_flops(fn)
     row = {"name": name}
-    with peak_memory(device, row):
-        t = timed(fn, device, repeats=repeats)
-    achieved = flops / t["median_s"] / 1e9
-    row.update(t, items=items, items_per_s=items / t["median_s"], gflop_per_item=flops / items / 1e9,
-               achieved_gflops=achieved, fraction_of_gemm=achieved / gemm_gflops)
+    with peak_memory(device, row):  # one call on its own, also a warm-up
+        fn()
+        synchronize(device)
+    t = timed_side_by_side({"row": fn, "gemm": gemm}, device, repeats=repeats)
+    achieved = flops / t["row"]["median_s"] / 1e9
+    shares = [(flops / a) / (gemm.flops / b) for a, b in zip(t["row"]["times"], t["gemm"]["times"])]
+    row.update({k: v for k, v in t["row"].items() if k != "times"}, items=items,
+               items_per_s=items / t["row"]["median_s"], gflop_per_item=flops / items / 1e9,
+               achieved_gflops=achieved, fraction_of_gemm=statistics.median(shares),
+               gemm_gflops_beside=gemm.flops / t["gemm"]["median_s"] / 1e9)
     return row

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 
 import torch
 
-from benchmarks.measure import timed
+from benchmarks.measure import paired_ratio, timed_side_by_side
 from ctok.models.diffusion_transformer import build_preset
 from ctok.sampling import sample_dit, sample_sit
 
@@ -54,14 +54,12 @@ def _measure(model, sample, *, batch: int, device: torch.device, repeats: int) -
     def shared():
         return torch.Generator(device).manual_seed(0)
 
-    bare = timed(forwards, device, repeats=repeats)
-    own_streams = timed(run(per_sample), device, repeats=repeats)
-    one_stream = timed(run(shared), device, repeats=repeats)
+    t = timed_side_by_side({"bare": forwards, "own": run(per_sample), "one": run(shared)}, device, repeats=repeats)
     return {
         "forwards": len(sizes), "forward_rows": sum(sizes),
-        "bare_forwards_s": bare, "sampling_s": own_streams, "sampling_one_generator_s": one_stream,
-        "overhead_fraction": own_streams["median_s"] / bare["median_s"] - 1,
-        "overhead_fraction_one_generator": one_stream["median_s"] / bare["median_s"] - 1,
+        "bare_forwards_s": t["bare"], "sampling_s": t["own"], "sampling_one_generator_s": t["one"],
+        "overhead_fraction": paired_ratio(t["own"], t["bare"]) - 1,
+        "overhead_fraction_one_generator": paired_ratio(t["one"], t["bare"]) - 1,
     }
 
 
@@ -69,14 +67,15 @@ def sampler_overhead(device: str | torch.device = "cpu", quick: bool = False) ->
     """Sampling time against bare forwards for SiT (Euler-Maruyama, guided on [0, 0.75]) and DiT
     (DDPM, cosine, guided), as ``ctok generate`` runs them (one noise generator per sample).
 
-    ``overhead_fraction`` = sampling time / forward time - 1. GPU: the XL/1 models on 128 x 32
+    ``overhead_fraction`` = sampling time / forward time - 1, the median over rounds that time the
+    bare forwards and the two sampling variants one after another (paired against drift). GPU: the XL/1 models on 128 x 32
     latents, 250 steps, batch 32. CPU: S/1 models, 20 steps (5 with ``quick``), batch 4.
     """
     device = torch.device(device)
     gpu = device.type == "cuda"
     size, batch = ("XL", 32) if gpu else ("S", 4)
     steps = 250 if gpu else (5 if quick else 20)
-    repeats = 3
+    repeats = 5
     torch.manual_seed(0)
     result = {"device": str(device), "batch": batch, "steps": steps, "latents": "128x32"}
     settings = {
