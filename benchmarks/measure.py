@@ -23,20 +23,16 @@ def synchronize(device: torch.device) -> None:
 
 def timed(fn, device: torch.device, *, warmup: int = 1, repeats: int = 5) -> dict:
     """Median / min / max seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return _stats(times)
+    return summary(timed_side_by_side({"fn": fn}, device, warmup=warmup, repeats=repeats)["fn"])
 
 
 def _stats(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+
+
+def summary(stats: dict) -> dict:
+    """One function's entry of ``timed_side_by_side`` without its per-round times."""
+    return {k: v for k, v in stats.items() if k != "times"}
 
 
 def timed_side_by_side(fns: dict, device: torch.device, *, warmup: int = 1, repeats: int = 5) -> dict:
@@ -150,14 +146,13 @@ def throughput(name: str, fn, items: int, device: torch.device, gemm: Gemm, *, r
     """
     flops = count_flops(fn)
     row = {"name": name}
-    with peak_memory(device, row):  # one call on its own, also a warm-up
+    with peak_memory(device, row):  # one call on its own: the warm-up (the GEMM is warm from its rate)
         fn()
         synchronize(device)
-    t = timed_side_by_side({"row": fn, "gemm": gemm}, device, repeats=repeats)
+    t = timed_side_by_side({"row": fn, "gemm": gemm}, device, warmup=0, repeats=repeats)
     achieved = flops / t["row"]["median_s"] / 1e9
-    shares = [(flops / a) / (gemm.flops / b) for a, b in zip(t["row"]["times"], t["gemm"]["times"])]
-    row.update({k: v for k, v in t["row"].items() if k != "times"}, items=items,
+    row.update(summary(t["row"]), items=items,
                items_per_s=items / t["row"]["median_s"], gflop_per_item=flops / items / 1e9,
-               achieved_gflops=achieved, fraction_of_gemm=statistics.median(shares),
+               achieved_gflops=achieved, fraction_of_gemm=paired_ratio(t["gemm"], t["row"]) * flops / gemm.flops,
                gemm_gflops_beside=gemm.flops / t["gemm"]["median_s"] / 1e9)
     return row

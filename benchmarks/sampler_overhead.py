@@ -68,8 +68,9 @@ def sampler_overhead(device: str | torch.device = "cpu", quick: bool = False) ->
     (DDPM, cosine, guided), as ``ctok generate`` runs them (one noise generator per sample).
 
     ``overhead_fraction`` = sampling time / forward time - 1, the median over rounds that time the
-    bare forwards and the two sampling variants one after another (paired against drift). GPU: the XL/1 models on 128 x 32
-    latents, 250 steps, batch 32. CPU: S/1 models, 20 steps (5 with ``quick``), batch 4.
+    bare forwards and the two sampling variants one after another (paired against drift). GPU: the
+    XL/1 models on 128 x 32 latents, 250 steps, batch 32. CPU: S/1 models, 20 steps (5 with
+    ``quick``), batch 4.
     """
     device = torch.device(device)
     gpu = device.type == "cuda"

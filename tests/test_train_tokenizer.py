@@ -123,7 +123,6 @@ def test_patch_mask_masks_the_rounded_share_per_sample():
     assert random_patch_mask(uniform, 0.01) is None
 
 
-
 def _tiny_maetok() -> Tokenizer:
     config = load_config(TokenizerTrainConfig, "tiny-maetok", []).model
     return Tokenizer.from_config(tokenizer_config(config))
