@@ -1,11 +1,26 @@
-"""The released format and numbers: every shared conformance case through the public API."""
+"""The released format and numbers: every conformance case through the public API."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import ctok
-from conftest import assert_conforms, conformance_case
+from conftest import CONFORMANCE, REPO, assert_conforms, conformance_case
+
+# The project's own machines keep the fixtures' originals here; a user's clone has no such folder.
+SHARED_CONFORMANCE = os.path.join(os.environ.get("CTOK_SHARED", REPO.parent / "shared"), "conformance")
+
+
+def test_vendored_fixtures_are_byte_identical_to_the_shared_originals():
+    if not os.path.isdir(SHARED_CONFORMANCE):
+        pytest.skip(f"no shared fixtures at {SHARED_CONFORMANCE} to compare with (only on the project's machines)")
+    shared = {f.name: f.read_bytes() for f in sorted(Path(SHARED_CONFORMANCE).iterdir()) if f.is_file()}
+    vendored = {f.name: f.read_bytes() for f in sorted(CONFORMANCE.iterdir()) if f.is_file()}
+    assert sorted(vendored) == sorted(shared), "the vendored fixture files differ from the shared ones"
+    for name, data in shared.items():
+        assert vendored[name] == data, f"tests/fixtures/conformance/{name} differs from {SHARED_CONFORMANCE}/{name}"
 
 
 @pytest.mark.parametrize("name", ["softvq_small", "maetok_small"])
