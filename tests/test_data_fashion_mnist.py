@@ -46,14 +46,6 @@ def isolated(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def real_folder():
-    try:
-        return fm.find_fashion_mnist(download=False)
-    except FileNotFoundError as err:
-        pytest.skip(f"real Fashion-MNIST not installed: {err}")
-
-
 def test_read_idx_matches_an_independent_writer(tmp_path):
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     write_idx(tmp_path / "images.gz", images, 0x08, ">u1")
@@ -64,6 +56,30 @@ def test_read_idx_matches_an_independent_writer(tmp_path):
     write_idx(tmp_path / "values", values, 0x0C, ">i4")
     got = fm.read_idx(tmp_path / "values")
     assert got.dtype == np.int32 and got.tolist() == values.tolist()
+
+
+def test_write_idx_round_trips_and_matches_the_independent_writer(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    fm.write_idx(tmp_path / "ours.gz", images)
+    write_idx(tmp_path / "theirs.gz", images, 0x08, ">u1")
+    assert gzip.decompress((tmp_path / "ours.gz").read_bytes()) == gzip.decompress((tmp_path / "theirs.gz").read_bytes())
+    values = np.array([[-1.5, 2.25]], dtype=np.float64)
+    fm.write_idx(tmp_path / "values", values)
+    write_idx(tmp_path / "values-theirs", values, 0x0E, ">f8")
+    assert (tmp_path / "values").read_bytes() == (tmp_path / "values-theirs").read_bytes()
+    with pytest.raises(ValueError, match="got int64 with 1"):
+        fm.write_idx(tmp_path / "bad", np.zeros(3, dtype=np.int64))
+
+
+def test_any_number_of_images_is_a_split_but_images_and_labels_must_agree(tmp_path):
+    fm.write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((7, 28, 28), dtype=np.uint8))
+    fm.write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(7, dtype=np.uint8))
+    fm.write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 28, 28), dtype=np.uint8))
+    fm.write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(4, dtype=np.uint8))
+    raw, labels = fm.load_fashion_mnist_raw("train", tmp_path)
+    assert raw.shape == (7, 28, 28) and labels.tolist() == list(range(7))
+    with pytest.raises(ValueError, match=r"got images \(3, 28, 28\) uint8 and labels \(4,\)"):
+        fm.load_fashion_mnist_raw("test", tmp_path)
 
 
 def test_read_idx_rejects_bad_files_naming_them(tmp_path):
@@ -161,9 +177,9 @@ def test_download_lands_where_the_next_search_finds_it(isolated, monkeypatch):
     assert fm.find_fashion_mnist() == found and len(calls) == 2  # second time from the cache
 
 
-def test_real_splits_have_the_published_sizes_and_labels(real_folder):
-    train_raw, train_labels = fm.load_fashion_mnist_raw("train", real_folder)
-    test_raw, test_labels = fm.load_fashion_mnist_raw("test", real_folder)
+def test_real_splits_have_the_published_sizes_and_labels(real_fashion_mnist):
+    train_raw, train_labels = fm.load_fashion_mnist_raw("train", real_fashion_mnist)
+    test_raw, test_labels = fm.load_fashion_mnist_raw("test", real_fashion_mnist)
     assert train_raw.shape == (60000, 28, 28) and train_raw.dtype == torch.uint8
     assert test_raw.shape == (10000, 28, 28) and test_labels.shape == (10000,)
     assert int(train_labels[0]) == 9 and fm.CLASS_NAMES[9] == "Ankle boot"
@@ -172,9 +188,9 @@ def test_real_splits_have_the_published_sizes_and_labels(real_folder):
     assert torch.bincount(test_labels, minlength=10).tolist() == [1000] * 10
 
 
-def test_model_images_are_padded_rgb_in_minus_one_to_one(real_folder):
-    raw, labels = fm.load_fashion_mnist_raw("test", real_folder)
-    images, labels8 = fm.load_fashion_mnist("test", real_folder, limit=8)
+def test_model_images_are_padded_rgb_in_minus_one_to_one(synthetic_fashion_mnist):
+    raw, labels = fm.load_fashion_mnist_raw("test", synthetic_fashion_mnist)
+    images, labels8 = fm.load_fashion_mnist("test", synthetic_fashion_mnist, limit=8)
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
     assert torch.equal(labels8, labels[:8])
     assert float(images.min()) == -1.0 and float(images.max()) <= 1.0
@@ -186,19 +202,19 @@ def test_model_images_are_padded_rgb_in_minus_one_to_one(real_folder):
     assert bool((images[:, :, border] == -1).all())
 
 
-def test_dataset_items_match_the_in_memory_path(real_folder):
-    dataset = fm.FashionMNIST("test", real_folder)
-    images, labels = fm.load_fashion_mnist("test", real_folder, limit=3)
-    assert len(dataset) == 10000 and dataset.classes == fm.CLASS_NAMES
+def test_dataset_items_match_the_in_memory_path(synthetic_fashion_mnist):
+    dataset = fm.FashionMNIST("test", synthetic_fashion_mnist)
+    images, labels = fm.load_fashion_mnist("test", synthetic_fashion_mnist, limit=3)
+    assert len(dataset) == 300 and dataset.classes == fm.CLASS_NAMES
     for i in range(3):
         x, y = dataset[i]
         assert torch.equal(x, images[i]) and y == int(labels[i])
 
 
-def test_bad_arguments_say_what_was_expected(real_folder):
+def test_bad_arguments_say_what_was_expected(synthetic_fashion_mnist):
     with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'val'"):
-        fm.load_fashion_mnist("val", real_folder)
+        fm.load_fashion_mnist("val", synthetic_fashion_mnist)
     with pytest.raises(ValueError, match="limit must be a positive number of images, got 0"):
-        fm.load_fashion_mnist("test", real_folder, limit=0)
+        fm.load_fashion_mnist("test", synthetic_fashion_mnist, limit=0)
     with pytest.raises(ValueError, match=r"expected uint8 images of shape \(N, 28, 28\), got torch.float32 \(2, 32, 32\)"):
         fm.to_model_images(torch.zeros(2, 32, 32))

@@ -8,16 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ctok.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist, load_fashion_mnist_raw, to_model_images
+from ctok.data.fashion_mnist import load_fashion_mnist, load_fashion_mnist_raw, to_model_images
 from ctok.models.fmnist_classifier import FashionMNISTClassifier, load_fmnist_classifier, packaged_record
-
-
-@pytest.fixture(scope="module")
-def real_folder():
-    try:
-        return find_fashion_mnist(download=False)
-    except FileNotFoundError as err:
-        pytest.skip(f"real Fashion-MNIST not installed: {err}")
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +56,16 @@ def test_weights_from_a_path_load_exactly(tmp_path):
     assert loaded.identity == f"fmnist-classifier-{sha[:12]}"
 
 
-def test_packaged_classifier_is_accurate_on_the_first_2000_test_images(real_folder, packaged):
-    images, labels = load_fashion_mnist("test", real_folder, limit=2000)
+def test_packaged_classifier_is_accurate_on_the_first_2000_test_images(real_fashion_mnist, packaged):
+    images, labels = load_fashion_mnist("test", real_fashion_mnist, limit=2000)
     with torch.no_grad():
         predictions = packaged(images)["logits"].argmax(1)
     assert float((predictions == labels).float().mean()) >= 0.90
 
 
 @pytest.mark.slow
-def test_packaged_record_matches_the_full_test_split(real_folder, packaged):
-    raw, labels = load_fashion_mnist_raw("test", real_folder)
+def test_packaged_record_matches_the_full_test_split(real_fashion_mnist, packaged):
+    raw, labels = load_fashion_mnist_raw("test", real_fashion_mnist)
     correct = 0
     with torch.no_grad():
         for i in range(0, len(raw), 1000):

@@ -109,12 +109,12 @@ def test_opening_something_that_is_not_a_cache(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_build_the_same_cache_as_one(tokenizer, tmp_path):
-    """``torchrun --nproc_per_node=2 -m ctok cache-latents`` on real Fashion-MNIST images."""
-    from ctok.data.fashion_mnist import SYSTEM_DIR, load_fashion_mnist_raw
+def test_two_processes_build_the_same_cache_as_one(tokenizer, synthetic_fashion_mnist, tmp_path):
+    """``torchrun --nproc_per_node=2 -m ctok cache-latents`` on Fashion-MNIST-format images."""
+    from ctok.data.fashion_mnist import load_fashion_mnist_raw
 
     tokenizer.save_pretrained(tmp_path / "tok")
-    command = ["-m", "ctok", "cache-latents", "--tokenizer", str(tmp_path / "tok"), "--data", str(SYSTEM_DIR),
+    command = ["-m", "ctok", "cache-latents", "--tokenizer", str(tmp_path / "tok"), "--data", str(synthetic_fashion_mnist),
                "--limit", "24", "--shard-size", "8", "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
                "--flip"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -127,6 +127,6 @@ def test_two_processes_build_the_same_cache_as_one(tokenizer, tmp_path):
         torch.testing.assert_close(one[i][0], two[i][0], rtol=0, atol=1e-6)
         assert one[i][1] == two[i][1]
     assert one.info.mean == pytest.approx(two.info.mean, abs=1e-9)
-    labels = load_fashion_mnist_raw("train", SYSTEM_DIR)[1][:24]
+    labels = load_fashion_mnist_raw("train", synthetic_fashion_mnist)[1][:24]
     assert [one[i][1] for i in range(24)] == labels.tolist()
     assert two.index["label_range"] == [int(labels.min()), int(labels.max())]

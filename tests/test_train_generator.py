@@ -1,4 +1,4 @@
-"""``ctok train-sit`` / ``ctok train-dit`` on cached latents of real images (Fashion-MNIST).
+"""``ctok train-sit`` / ``ctok train-dit`` on cached latents of images in Fashion-MNIST's format (drawn shapes).
 
 Covers: bad input stopped before training, the loss falling well below its start, the exported EMA
 loading and sampling, resume after ``kill -9``, and 2-process torchrun against 1 process.
@@ -19,7 +19,7 @@ import torch
 
 import ctok
 from ctok.cli import main
-from ctok.data.fashion_mnist import SYSTEM_DIR, FashionMNIST, load_fashion_mnist
+from ctok.data.fashion_mnist import FashionMNIST, load_fashion_mnist
 from ctok.latent_cache import build_latent_cache
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
@@ -58,11 +58,11 @@ def tokenizer_dir(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def small_cache(tokenizer, tmp_path_factory):
-    """Latents of the first 16 Fashion-MNIST training images (labels 0..9)."""
+def small_cache(tokenizer, synthetic_fashion_mnist, tmp_path_factory):
+    """Latents of the first 16 training images (labels 0..9)."""
     model, folder = tokenizer
     out = tmp_path_factory.mktemp("cache") / "small"
-    build_latent_cache(model, FashionMNIST("train", SYSTEM_DIR), out, tokenizer_source=str(folder),
+    build_latent_cache(model, FashionMNIST("train", synthetic_fashion_mnist), out, tokenizer_source=str(folder),
                        ctx=init_distributed("cpu"), limit=16, num_workers=0)
     return out
 
@@ -106,13 +106,13 @@ def test_a_cache_of_another_tokenizer_is_refused(tokenizer_dir, small_cache, tmp
     assert "was made by tokenizer softvq-8x4-" in err and f"not by {other} (softvq-8x4-" in err
 
 
-# -- training on real images' latents --------------------------------------------------------
+# -- training on images' latents ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def image_cache(tokenizer_dir, tmp_path_factory):
-    """256 Fashion-MNIST images and their mirrors, cached by the command line."""
+def image_cache(tokenizer_dir, synthetic_fashion_mnist, tmp_path_factory):
+    """256 training images and their mirrors, cached by the command line."""
     out = tmp_path_factory.mktemp("cache") / "fmnist"
-    assert main(["cache-latents", "--tokenizer", str(tokenizer_dir), "--data", str(SYSTEM_DIR), "--out", str(out),
-                 "--limit", "256", "--flip", "--num-workers", "0", "--device", "cpu"]) == 0
+    assert main(["cache-latents", "--tokenizer", str(tokenizer_dir), "--data", str(synthetic_fashion_mnist),
+                 "--out", str(out), "--limit", "256", "--flip", "--num-workers", "0", "--device", "cpu"]) == 0
     return out
 
 
@@ -205,13 +205,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(small_cache, tmp_pat
 
 
 # -- the normalisation: never forgotten, always recorded -------------------------------------
-def test_on_the_fly_training_normalises_with_statistics_of_its_first_images(tokenizer, tmp_path):
+def test_on_the_fly_training_normalises_with_statistics_of_its_first_images(tokenizer, synthetic_fashion_mnist,
+                                                                                 tmp_path):
     model, folder = tokenizer
     out = tmp_path / "run"
-    assert main(["train-sit", "--config", "tiny-sit", "data.latents=null", f"data.images={SYSTEM_DIR}",
+    assert main(["train-sit", "--config", "tiny-sit", "data.latents=null", f"data.images={synthetic_fashion_mnist}",
                  f"tokenizer={folder}", "data.stats_images=40", "data.batch_size=8", f"run.out_dir={out}",
                  "run.device=cpu", "run.max_steps=3", "run.log_every=1", "samples.steps=2", "samples.num_images=4"]) == 0
-    images = load_fashion_mnist("train", SYSTEM_DIR, limit=40)[0]
+    images = load_fashion_mnist("train", synthetic_fashion_mnist, limit=40)[0]
     with torch.no_grad():
         z = model.encode(images).double()
     stats = json.loads((out / "final" / "config.json").read_text())["latent_stats"]

@@ -20,7 +20,6 @@ import torch.nn as nn
 from scipy.stats import norm
 
 from ctok.cli import main
-from ctok.data.fashion_mnist import SYSTEM_DIR
 from ctok.losses import hinge_discriminator_loss
 from ctok.models.tokenizer import Tokenizer, config_from_dict
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
@@ -189,8 +188,6 @@ def test_consistency_term_is_added_unscaled():
 
 
 # -- whole runs (slow) ----------------------------------------------------------------------------
-needs_fashion_mnist = pytest.mark.skipif(not SYSTEM_DIR.is_dir() and not os.environ.get("CTOK_FASHION_MNIST"),
-                                         reason="Fashion-MNIST files not installed (apt-get install dataset-fashion-mnist)")
 FAST = ["data.batch_size=4", "samples.num_images=2", "loss.perceptual_weight=0", "gan.start_step=1",
         "run.log_every=1"]
 
@@ -211,16 +208,15 @@ def _log(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@needs_fashion_mnist
 @pytest.mark.parametrize("config", ["tiny-maetok", "tiny-softvq"])
-def test_tiny_config_learns_to_reconstruct(config, tmp_path):
+def test_tiny_config_learns_to_reconstruct(config, synthetic_fashion_mnist, tmp_path):
     """A few hundred steps with everything on (masking + auxiliary decoders, or alignment + entropy;
     LPIPS; the GAN from step 100) bring the reconstruction error well below its start."""
     from ctok.hub import load_tokenizer
 
     run = tmp_path / "run"
-    _train(["--config", config, f"run.out_dir={run}", "run.max_steps=200", "run.log_every=10",
-            "run.ckpt_every=200", "data.batch_size=8", "gan.start_step=100"])
+    _train(["--config", config, f"data.images={synthetic_fashion_mnist}", f"run.out_dir={run}", "run.max_steps=200",
+            "run.log_every=10", "run.ckpt_every=200", "data.batch_size=8", "gan.start_step=100"])
     log = _log(run)
     first, last = log[0]["rec"], sum(r["rec"] for r in log[-3:]) / 3
     assert last < 0.5 * first, f"reconstruction MSE went from {first:.4f} to {last:.4f}"
@@ -269,12 +265,12 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@needs_fashion_mnist
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one(synthetic_fashion_mnist, tmp_path):
     """torchrun with 2 CPU processes: replicas stay identical, and equal a 1-process run of the same global batch."""
     script = tmp_path / "dump_ranks.py"
     script.write_text(_RANK_DUMP)
-    args = ["--config", "tiny-maetok", *FAST, "run.max_steps=3", "run.ckpt_every=3"]
+    args = ["--config", "tiny-maetok", *FAST, f"data.images={synthetic_fashion_mnist}", "run.max_steps=3",
+            "run.ckpt_every=3"]
     for name, procs in (("one", 1), ("two", 2)):
         command = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
                                       if procs > 1 else []) + [str(script), "train-tokenizer", *args,
@@ -292,9 +288,9 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 @pytest.mark.slow
-@needs_fashion_mnist
-def test_killed_run_resumes_exactly(tmp_path):
-    args = ["--config", "tiny-maetok", *FAST, "run.max_steps=6", "run.ckpt_every=2", "run.keep_last=2"]
+def test_killed_run_resumes_exactly(synthetic_fashion_mnist, tmp_path):
+    args = ["--config", "tiny-maetok", *FAST, f"data.images={synthetic_fashion_mnist}", "run.max_steps=6",
+            "run.ckpt_every=2", "run.keep_last=2"]
     _train(args + [f"run.out_dir={tmp_path / 'straight'}"])
 
     killed = tmp_path / "killed"

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ctok.atomic_files import atomic_write
+
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -38,7 +40,6 @@ _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_SPLIT_SIZES = {"train": 60000, "test": 10000}
 _PAD = (IMAGE_SIZE - 28) // 2
 
 # IDX type codes (third byte of the magic number) and the big-endian numpy dtypes they denote.
@@ -71,6 +72,25 @@ def read_idx(file: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{file}: IDX shape {shape} needs {expected} bytes, the file has {len(data)}")
     array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def write_idx(file: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file (gzip-compressed if the name ends in .gz): :func:`read_idx`'s inverse.
+
+    Useful for subsets of Fashion-MNIST, or other small images in its format, that the demo and the
+    commands then read like the real files.
+    """
+    codes = {v[1:]: k for k, v in _IDX_DTYPES.items()}  # "u1", "f4", ...: kind and size, any byte order
+    array = np.asarray(array)
+    code = codes.get(array.dtype.str[1:])
+    if code is None or not 1 <= array.ndim <= 255:
+        raise ValueError(f"IDX holds uint8, int8, int16, int32, float32 or float64 arrays of 1-255 "
+                         f"dimensions, got {array.dtype} with {array.ndim}")
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    data = header + np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
+    file = Path(file)
+    with atomic_write(file) as f:
+        f.write(gzip.compress(data, mtime=0) if file.suffix == ".gz" else data)
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
@@ -152,10 +172,12 @@ def _read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images_stem, labels_stem = _FILES[split]
     images = read_idx(_idx_file(folder, images_stem))
     labels = read_idx(_idx_file(folder, labels_stem))
-    n = _SPLIT_SIZES[split]
-    if images.shape != (n, 28, 28) or images.dtype != np.uint8 or labels.shape != (n,):
+    # Any number of images is accepted (a subset of the real split, or small test data in the same
+    # format); the published split sizes are 60,000 and 10,000.
+    n = len(labels)
+    if images.shape != (n, 28, 28) or images.dtype != np.uint8 or labels.shape != (n,) or n == 0:
         raise ValueError(
-            f"{folder}: the {split} split should hold {n} uint8 images of 28x28 and {n} labels, "
+            f"{folder}: the {split} split should hold N > 0 uint8 images of 28x28 and as many labels, "
             f"got images {images.shape} {images.dtype} and labels {labels.shape}"
         )
     if labels.max() >= len(CLASS_NAMES):
