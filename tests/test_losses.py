@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +28,9 @@ from ctok.losses import (
     repeat_tokens_to_patches,
     strong_augment,
 )
+from ctok.training.config import build_config
 from ctok.training.sharding import BatchRandom, BatchSplit
+from ctok.training.tokenizer import DiscriminatorObjective, TokenizerForward, TokenizerTask, TokenizerTrainConfig
 
 REAL = [2.0, 0.5, -1.0, 0.0]
 FAKE = [-2.0, 0.3, 1.0, -0.5]
@@ -37,23 +40,35 @@ def _t(values):
     return torch.tensor(values, dtype=torch.float64)
 
 
-def test_hinge_losses():
-    real_term = sum(max(0.0, 1 - r) for r in REAL) / 4
-    fake_term = sum(max(0.0, 1 + f) for f in FAKE) / 4
-    assert hinge_discriminator_loss(_t(REAL), _t(FAKE)).item() == pytest.approx(0.5 * (real_term + fake_term))
-    assert hinge_generator_loss(_t(FAKE)).item() == pytest.approx(-sum(FAKE) / 4)
+def _sigmoid(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
 
 
-def test_non_saturating_losses():
-    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
-    real_term = -sum(math.log(sigmoid(r)) for r in REAL) / 4
-    fake_term = -sum(math.log(1 - sigmoid(f)) for f in FAKE) / 4
-    assert non_saturating_discriminator_loss(_t(REAL), _t(FAKE)).item() == pytest.approx(0.5 * (real_term + fake_term))
-    assert non_saturating_generator_loss(_t(FAKE)).item() == pytest.approx(-sum(math.log(sigmoid(f)) for f in FAKE) / 4)
+# (discriminator loss, generator loss) of each named GAN objective on REAL / FAKE, by hand.
+GAN_FORMULAS = {
+    "hinge": (0.5 * (sum(max(0.0, 1 - r) for r in REAL) / 4 + sum(max(0.0, 1 + f) for f in FAKE) / 4),
+              -sum(FAKE) / 4),
+    "non_saturating": (0.5 * (-sum(math.log(_sigmoid(r)) for r in REAL) / 4
+                              - sum(math.log(1 - _sigmoid(f)) for f in FAKE) / 4),
+                       -sum(math.log(_sigmoid(f)) for f in FAKE) / 4),
+}
 
 
-def test_gan_losses_by_name():
-    assert gan_losses("hinge") == (hinge_discriminator_loss, hinge_generator_loss)
+@pytest.mark.parametrize("kind, functions", [
+    ("hinge", (hinge_discriminator_loss, hinge_generator_loss)),
+    ("non_saturating", (non_saturating_discriminator_loss, non_saturating_generator_loss)),
+])
+def test_gan_losses_follow_their_formulas_called_directly_and_by_name(kind, functions):
+    expected_d, expected_g = GAN_FORMULAS[kind]
+    for discriminator_loss, generator_loss in (functions, gan_losses(kind)):
+        assert discriminator_loss(_t(REAL), _t(FAKE)).item() == pytest.approx(expected_d)
+        assert generator_loss(_t(FAKE)).item() == pytest.approx(expected_g)
+
+
+def test_every_gan_loss_name_has_a_formula_here():
+    from ctok.losses.adversarial import DISCRIMINATOR_LOSSES, GENERATOR_LOSSES
+
+    assert set(DISCRIMINATOR_LOSSES) == set(GENERATOR_LOSSES) == set(GAN_FORMULAS)
     with pytest.raises(ValueError, match="'hinge', 'non_saturating'.*'wasserstein'"):
         gan_losses("wasserstein")
 
@@ -260,3 +275,61 @@ def test_alignment_projection_layout():
     assert [k for k in mlp.state_dict()] == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
     assert [type(m) for m in mlp] == [nn.Linear, nn.SiLU, nn.Linear, nn.SiLU, nn.Linear]
     assert mlp(torch.zeros(2, 8, 32)).shape == (2, 8, 1024)
+
+
+# -- the named losses inside tokenizer training ---------------------------------------------------
+def _flat_images(values) -> torch.Tensor:
+    """One image per value, every pixel equal to it (so a pixel-mean critic returns ``values``)."""
+    return torch.tensor(values).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+
+
+class PixelMeanCritic(nn.Module):
+    def forward(self, images):
+        return images.mean(dim=(1, 2, 3))
+
+
+class FixedReconstruction(nn.Module):
+    """Stands in for the training model: reconstructs every batch as ``rec``; no quantiser, no
+    auxiliary decoders, no alignment."""
+
+    def __init__(self, rec: torch.Tensor):
+        super().__init__()
+        self.rec = rec
+        self.tokenizer = SimpleNamespace(config=SimpleNamespace(enc_patch_size=4), quantize=None)
+        self.auxiliary = None
+
+    def forward(self, images, mask, aux_targets):
+        return TokenizerForward(self.rec, None, torch.zeros(()), 0.0, None, {})
+
+
+@pytest.mark.parametrize("kind", sorted(GAN_FORMULAS))
+def test_the_discriminator_objective_uses_the_named_loss(kind):
+    objective = DiscriminatorObjective(PixelMeanCritic(), loss=kind, lecam_weight=0.0, consistency_weight=0.0,
+                                       diffaugment=False)
+    out = objective(_flat_images(REAL), _flat_images(FAKE), rand=None, gan_weight=0.5)
+    assert out["loss/discriminator"].item() == pytest.approx(0.5 * GAN_FORMULAS[kind][0], rel=1e-6)
+
+
+@pytest.mark.parametrize("reconstruction", ["mse", "l1"])
+@pytest.mark.parametrize("kind", sorted(GAN_FORMULAS))
+def test_a_tokenizer_step_uses_the_named_reconstruction_and_generator_losses(reconstruction, kind):
+    """Inputs REAL and reconstructions FAKE (flat images): the reconstruction term is the mean
+    squared or absolute difference, the generator term the named formula on the critic's FAKE."""
+    cfg = build_config(TokenizerTrainConfig, {
+        "run": {"out_dir": "unused", "max_steps": 1}, "data": {"flip": False}, "model": {},
+        "loss": {"reconstruction": reconstruction, "reconstruction_weight": 1.0},
+        "gan": {"loss": kind, "weight": 0.5, "start_step": 0, "adaptive_weight": False, "diffaugment": False},
+    })
+    model = FixedReconstruction(_flat_images(FAKE))
+    critic = SimpleNamespace(discriminator=PixelMeanCritic())
+    runner = SimpleNamespace(module={"model": model, "discriminator": critic}.__getitem__)
+    task = TokenizerTask(cfg, runner, model, discriminator=lambda *args: {}, lpips=None, teachers={}, masks=None,
+                         sample_images=None)
+    metrics = task.training_step((_flat_images(REAL),), step=0, rng=None)
+
+    power = 2 if reconstruction == "mse" else 1
+    expected_rec = sum(abs(f - r) ** power for r, f in zip(REAL, FAKE)) / 4
+    expected_gen = GAN_FORMULAS[kind][1]
+    assert metrics["rec"].item() == pytest.approx(expected_rec, rel=1e-6)
+    assert metrics["gan/generator"].item() == pytest.approx(expected_gen, rel=1e-6)
+    assert metrics["loss"].item() == pytest.approx(expected_rec + 0.5 * expected_gen, rel=1e-6)

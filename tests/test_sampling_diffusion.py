@@ -163,6 +163,42 @@ def test_guided_ddpm_with_learned_variance_matches_a_hand_unrolled_chain(dit_sma
     assert_conforms(out, x, "guided ddpm, 3 steps")
 
 
+class GuidedEveryForward(torch.nn.Module):
+    """Guides on every forward itself: the noise channels mixed, the variance channels the label's.
+
+    Sampled with ``cfg_scale=1`` it is the oracle for a guided DiT sampler, which has no interval.
+    """
+
+    def __init__(self, model: torch.nn.Module, scale: float):
+        super().__init__()
+        self.model, self.scale = model, scale
+        self.num_classes, self.has_null_class = model.num_classes, True
+        self.num_tokens, self.in_channels = model.num_tokens, model.in_channels
+
+    def forward(self, x, t, y):
+        cond, uncond = self.model(x, t, y), self.model(x, t, torch.full_like(y, self.num_classes))
+        d = self.in_channels
+        eps = uncond[..., :d] + self.scale * (cond[..., :d] - uncond[..., :d])
+        return torch.cat([eps, cond[..., d:]], dim=-1)
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_a_dit_is_guided_at_every_step_the_first_and_last_included(sampler, eta):
+    """DiT's guidance has no interval: steps 999 (pure noise) and 0 (the last) are guided too."""
+    torch.manual_seed(0)
+    model = GaussianDenoiser(torch.randn(4, 4, 2), std=0.5, schedule="cosine", variance=0.2)
+    noise = torch.randn(3, 4, 2, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2])
+
+    def sample(model, cfg_scale):
+        return sample_dit(model, noise, labels, num_steps=4, sampler=sampler, eta=eta, cfg_scale=cfg_scale,
+                          generator=torch.Generator().manual_seed(8))
+
+    expected = sample(GuidedEveryForward(model, 3.0), 1.0)
+    torch.testing.assert_close(sample(model, 3.0), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(sample(model, 1.0), expected)
+
+
 def ddpm_chain_moments(mean: float, std: float, num_steps: int, variance: float | None) -> tuple[float, float]:
     """Mean and variance of DDPM's chain for one coordinate of the target N(mean, std^2), with
     the exact noise prediction (affine in x, so the chain stays Gaussian), on the linear schedule."""

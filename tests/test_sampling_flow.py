@@ -192,6 +192,88 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch():
     assert not torch.equal(batch[0], batch[2])
 
 
+# -- where guidance applies -----------------------------------------------------------------
+
+class GuidedOnCalls(torch.nn.Module):
+    """Does classifier-free guidance itself, on the forwards flagged in ``guided`` (in call order).
+
+    Sampled with ``cfg_scale=1`` it is the oracle for a guided sampler: the two agree exactly
+    when the sampler guides on these forwards and no others.
+    """
+
+    def __init__(self, model: torch.nn.Module, scale: float, guided: list[bool]):
+        super().__init__()
+        self.model, self.scale, self.guided = model, scale, guided
+        self.num_classes, self.has_null_class = model.num_classes, True
+        self.num_tokens, self.in_channels, self.config = model.num_tokens, model.in_channels, model.config
+        self.calls = 0
+
+    def forward(self, x, t, y):
+        guide = self.guided[self.calls]
+        self.calls += 1
+        cond = self.model(x, t, y)
+        if not guide:
+            return cond
+        uncond = self.model(x, t, torch.full_like(y, self.num_classes))
+        return uncond + self.scale * (cond - uncond)
+
+
+def step_times(solver: str, num_steps: int) -> list[float]:
+    """The times of the solver's steps as the module docstring gives them: 1 .. 1/n for the ODEs,
+    n points from 1 to 0.04 for the SDE (its last step is the noise-free one)."""
+    if solver == "euler-maruyama":
+        return torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64).tolist()
+    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()[:-1]
+
+
+T, F = True, False
+
+
+@pytest.mark.parametrize("solver, num_steps, ends, guided", [
+    # Steps at t = 1, 3/4, 1/2, 1/4; the interval [1/4, 3/4] has a step on each end.
+    ("euler", 4, (3, 1), [F, T, T, T]),
+    # Heun's corrector keeps its step's decision: the step from t = 1 corrects at 3/4 unguided.
+    ("heun", 4, (3, 1), [F, F, T, T, T, T, T]),
+    # Steps at t = 1, 0.76, 0.52, 0.28, 0.04: [0.28, 0.76], then [0.04, 0.52] (the last, noise-free step).
+    ("euler-maruyama", 5, (3, 1), [F, T, T, T, F]),
+    ("euler-maruyama", 5, (4, 2), [F, F, T, T, T]),
+    # The default interval [0, 1] guides every forward, the first at t = 1 included.
+    ("euler", 3, None, [T] * 3),
+    ("heun", 3, None, [T] * 5),
+    ("euler-maruyama", 3, None, [T] * 3),
+])
+def test_guidance_applies_on_both_ends_of_its_interval(solver, num_steps, ends, guided):
+    torch.manual_seed(0)
+    model = GaussianFlow(torch.randn(4, 4, 2), std=0.5)
+    noise = torch.randn(3, 4, 2, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2])
+    interval = {}
+    if ends is not None:
+        times = step_times(solver, num_steps)
+        interval = dict(guidance_interval=(times[ends[0]], times[ends[1]]))
+
+    def sample(model, cfg_scale, **kwargs):
+        return sample_sit(model, noise, labels, num_steps=num_steps, solver=solver, cfg_scale=cfg_scale,
+                          generator=torch.Generator().manual_seed(5), **kwargs)
+
+    oracle = GuidedOnCalls(model, 2.5, guided)
+    expected = sample(oracle, 1.0)
+    assert oracle.calls == len(guided)
+    torch.testing.assert_close(sample(model, 2.5, **interval), expected, rtol=1e-12, atol=1e-12)
+    # Guidance moves the samples, so a forward guided or not shows in the result.
+    assert not torch.allclose(sample(model, 1.0), expected)
+
+
+def test_default_guidance_of_a_real_sit_on_the_cpu_guides_every_step(sit_small):
+    """The command's default: Euler-Maruyama, guidance on [0, 1], one stacked forward per step."""
+    model, io = sit_small
+    oracle = GuidedOnCalls(model, 2.0, [True] * 4)
+    expected = sample_sit(oracle, io["noise"], io["labels"], num_steps=4, generator=torch.Generator().manual_seed(1))
+    out = sample_sit(model, io["noise"], io["labels"], num_steps=4, cfg_scale=2.0,
+                     generator=torch.Generator().manual_seed(1))
+    assert_conforms(out, expected, "default-interval guidance")
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 def test_bad_arguments_raise_clear_errors(sit_small):
