@@ -75,7 +75,9 @@ def test_offline_hub_id_says_what_to_download(monkeypatch, tmp_path):
 def test_missing_folder_and_missing_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
         ctok.load_sit(tmp_path / "nope" / "deeper")
-    (tmp_path / "config.json").write_text("{}")
+    # A small SiT: loading builds the model before it looks for the weights, and "{}" is a SiT-XL.
+    (tmp_path / "config.json").write_text(json.dumps(dict(input_size=4, in_channels=4, hidden_size=8, depth=1,
+                                                          num_heads=2)))
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         ctok.load_sit(tmp_path)
 
@@ -85,12 +87,92 @@ def test_wrong_kind_of_config_is_named(conformance_dir):
         ctok.load_sit(conformance_dir / "softvq_small")
 
 
-def test_inspect_command(conformance_dir, capsys):
+# What ``ctok inspect`` must print for each conformance case, read off its config.json.
+INSPECTED = {
+    "softvq_small": dict(kind="softvq", image_size=64, num_tokens=8, latent_dim=8,
+                         encoder="vit_small_patch14_dinov2.lvd142m", decoder="vit_small_patch14_dinov2.lvd142m",
+                         vq_mean=0.0, vq_std=1.0),
+    "maetok_small": dict(kind="maetok", image_size=64, num_tokens=16, latent_dim=8,
+                         encoder="vit_small_patch14_dinov2.lvd142m", decoder="vit_small_patch14_dinov2_movqv2",
+                         vq_mean=0.0, vq_std=1.0),
+    "sit_small": dict(kind="sit", num_tokens=16, latent_dim=8, num_classes=1000, null_class=True, depth=3,
+                      hidden_size=96),
+    "dit_small": dict(kind="dit", num_tokens=16, latent_dim=8, num_classes=1000, null_class=True, depth=3,
+                      hidden_size=96),
+}
+MODEL_CLASSES = {"softvq": ctok.Tokenizer, "maetok": ctok.Tokenizer, "sit": ctok.SiT, "dit": ctok.DiT}
+
+
+def _parameter_count(folder, kind: str) -> int:
+    """Sizes of the checkpoint's tensors that are parameters of the model: buffers (SoftVQ's usage
+    history, RoPE positions, SiT's position table) and training-only weights are not counted."""
+    state = load_file(str(folder / "model.safetensors"))
+    with torch.device("meta"):
+        model = MODEL_CLASSES[kind].from_config(json.loads((folder / "config.json").read_text()))
+    return sum(state[name].numel() for name, _ in model.named_parameters())
+
+
+@pytest.fixture
+def run_inspect(monkeypatch, capsys):
+    """``run_inspect(folder, *flags)``: the command's stdout; each folder is loaded once, as building
+    the tokenizers' 43M random weights before loading is what takes the time."""
+    import ctok.hub
     from ctok.cli import main
 
-    assert main(["inspect", str(conformance_dir / "maetok_small"), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["kind"] == "maetok" and info["num_tokens"] == 16 and info["latent_dim"] == 8
-    assert info["image_size"] == 64 and info["parameters"] > 0
+    loaded = {}
+    real_load_any = ctok.hub.load_any
+
+    def load_once(src, device="cpu"):
+        if src not in loaded:
+            loaded[src] = real_load_any(src, device)
+        return loaded[src]
+
+    monkeypatch.setattr(ctok.hub, "load_any", load_once)
+
+    def run(folder, *flags) -> str:
+        assert main(["inspect", str(folder), *flags]) == 0
+        return capsys.readouterr().out
+
+    return run
+
+
+def _printed_fields(text: str) -> dict[str, str]:
+    return dict(line.strip().split(": ", 1) for line in text.splitlines())
+
+
+@pytest.mark.parametrize("case", INSPECTED)
+def test_inspect_prints_what_the_checkpoint_is(conformance_dir, run_inspect, case):
+    folder = conformance_dir / case
+    expected = INSPECTED[case]
+    n = _parameter_count(folder, expected["kind"])
+    assert n > 100_000  # the count covers the networks, not a few tensors
+    head = {"source": str(folder), "folder": str(folder)}
+    assert _printed_fields(run_inspect(folder)) == {
+        **head, **{k: str(v) for k, v in expected.items()},
+        "parameters": f"{n:,} ({n / 1e6:.1f}M)", "ignored_weights": "0 (training-only)"}
+    assert json.loads(run_inspect(folder, "--json")) == {**head, **expected, "parameters": n, "ignored_weights": []}
+
+
+def test_inspect_lists_ignored_training_only_weights(conformance_dir, tmp_path, run_inspect):
+    extra = ["aux_hog_dec.head.weight", "projection.0.weight", "repa_model.blocks.0.attn.qkv.weight"]
+
+    def add_training_weights(state):
+        state.update({name: torch.zeros(4, 6) for name in extra})
+
+    # base_image_size only matters to RoPE, which SoftVQ does not use; the resolution is image_size.
+    folder = _copy_case(conformance_dir / "softvq_small", tmp_path / "ck", edit_state=add_training_weights,
+                        edit_config=lambda c: c.update(base_image_size=256))
+    n = _parameter_count(conformance_dir / "softvq_small", "softvq")
+    printed = _printed_fields(run_inspect(folder))
+    assert printed["ignored_weights"] == "3 (training-only): " + ", ".join(extra)
+    assert printed["parameters"] == f"{n:,} ({n / 1e6:.1f}M)"  # what the model has, not what the file holds
+    assert printed["image_size"] == "64"
+    info = json.loads(run_inspect(folder, "--json"))
+    assert info["ignored_weights"] == extra and info["parameters"] == n and info["image_size"] == 64
+
+
+def test_inspect_names_a_missing_folder(conformance_dir, capsys):
+    from ctok.cli import main
+
     assert main(["inspect", str(conformance_dir / "nowhere")]) == 2
     assert "no checkpoint folder" in capsys.readouterr().err

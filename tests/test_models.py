@@ -1,40 +1,127 @@
 """Model construction, presets and input validation."""
+from functools import cache
+
 import pytest
 import torch
 
-from ctok.models.diffusion_transformer import SiT, build_preset as build_generator
-from ctok.models.tokenizer import PRESET_NAMES, Tokenizer, preset_config
+from ctok.models.diffusion_transformer import SIZES, SiT, build_preset as build_generator
+from ctok.models.tokenizer import PRESET_NAMES, Tokenizer, build_preset, preset_config
+from ctok.models.vit import MoVQBlock
 
 TINY_MAETOK = dict(tokenizer_kind="maetok", image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
                    decoder_model="vit_tiny_patch14_dinov2_movqv2", num_latent_tokens=8, codebook_embed_dim=4,
                    use_ape=False, use_rope=True, rope_mixed=True, dec_cls_token=False, enc_token_drop=0.4,
                    encoder_size=[64, 2, 2], decoder_size=[32, 1, 2])
 
+# -- presets: what the released models are (REFERENCE.md, the README's preset table) -------------
+VIT_B, VIT_L = (768, 12, 12), (1024, 24, 16)  # DINOv2 ViT-B / ViT-L: width, depth, heads
+# Parameter counts in millions as the README publishes them (0.1M); None where none is published.
+_FAMILIES = {
+    "softvq-b-64": dict(kind="softvq", tokens=64, dim=32, encoder=VIT_B, decoder=VIT_B, millions=173.6),
+    "softvq-bl-64": dict(kind="softvq", tokens=64, dim=32, encoder=VIT_B, decoder=VIT_L, millions=391.3,
+                         vq=(-0.00077168207, 0.07157949)),
+    "softvq-l-64": dict(kind="softvq", tokens=64, dim=32, encoder=VIT_L, decoder=VIT_L, millions=608.9),
+    "softvq-b-32": dict(kind="softvq", tokens=32, dim=64, encoder=VIT_B, decoder=VIT_B),
+    "softvq-bl-32": dict(kind="softvq", tokens=32, dim=64, encoder=VIT_B, decoder=VIT_L),
+    # The released softvq-l-32 config names a ViT-B encoder and a ViT-L decoder.
+    "softvq-l-32": dict(kind="softvq", tokens=32, dim=64, encoder=VIT_B, decoder=VIT_L,
+                        vq=(0.00060894643, 0.029030401)),
+    "maetok-b-128": dict(kind="maetok", tokens=128, dim=32, encoder=VIT_B, decoder=VIT_B, millions=173.9),
+}
+# Every family at 256 px and at 512 px; the token count does not grow with the resolution.
+TOKENIZER_PRESETS = {**{name: dict(e, image=256) for name, e in _FAMILIES.items()},
+                     **{f"{name}-512": dict(e, image=512, millions=None, vq=None) for name, e in _FAMILIES.items()}}
+# SiT / DiT sizes (DiT paper, Table 1): depth, width, heads, parameters in millions (1M published).
+GENERATOR_SIZES = {"S": (12, 384, 6, 33), "B": (12, 768, 12, 130), "L": (24, 1024, 16, 458),
+                   "XL": (28, 1152, 16, 675)}
+GENERATOR_PRESETS = [f"{family}-{size}/1" for family in ("SiT", "DiT") for size in SIZES]
+
 
 def _count(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def test_preset_parameter_counts_match_the_published_sizes():
-    # Built on the meta device: sizes without allocating 600M parameters.
+@cache
+def _meta_tokenizer(name: str) -> Tokenizer:
+    # On the meta device: shapes without allocating (or initialising) up to 600M parameters.
     with torch.device("meta"):
-        counts = {name: _count(Tokenizer.from_config(preset_config(name)))
-                  for name in ("maetok-b-128", "softvq-b-64", "softvq-bl-64", "softvq-l-64")}
-        sit_xl = _count(build_generator("SiT-XL/1", input_size=128, in_channels=32))
-        dit_xl = _count(build_generator("DiT-XL/1", input_size=64, in_channels=32))
-    # SoftVQ-VAE paper: B 173M, BL 391M, L 608M; MAETok-B-128 ~176M (incl. its 0.6M unused
-    # decoder patch embedding and position table, kept for the checkpoint format).
-    assert round(counts["softvq-b-64"] / 1e6) == 174
-    assert round(counts["softvq-bl-64"] / 1e6) == 391
-    assert round(counts["softvq-l-64"] / 1e6) == 609
-    assert 172e6 < counts["maetok-b-128"] < 177e6
-    assert round(sit_xl / 1e6) == 675 and round(dit_xl / 1e6) == 675
+        return build_preset(name)
 
 
-def test_every_preset_builds_with_its_resolution():
-    for name in PRESET_NAMES:
-        config = preset_config(name)
-        assert config["image_size"] == (512 if name.endswith("-512") else 256)
+def _vit_shape(vit) -> tuple[int, int, int]:
+    blocks = vit.model.blocks
+    return blocks[0].attn.qkv.in_features, len(blocks), blocks[0].attn.num_heads
+
+
+def test_every_preset_has_expected_figures():
+    # A preset added (or removed) without its published figures here fails.
+    assert set(PRESET_NAMES) == set(TOKENIZER_PRESETS)
+    assert set(SIZES) == set(GENERATOR_SIZES)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_tokenizer_preset_has_its_published_shape(name):
+    expected = TOKENIZER_PRESETS[name]
+    tok = _meta_tokenizer(name)
+    enc_width, dec_width = expected["encoder"][0], expected["decoder"][0]
+    size, tokens, dim = expected["image"], expected["tokens"], expected["dim"]
+    assert (tok.kind, tok.image_size, tok.num_tokens, tok.latent_dim) == (expected["kind"], size, tokens, dim)
+    assert _vit_shape(tok.encoder) == expected["encoder"] and _vit_shape(tok.decoder) == expected["decoder"]
+    # Patch 16 in and out: (S/16)^2 image tokens, a linear head to 16 x 16 x 3 pixels.
+    assert tok.encoder.model.patch_embed.patch_size == (16, 16) and tok.num_patches == (size // 16) ** 2
+    assert tok.encoder.model.patch_embed.img_size == (size, size)
+    assert tok.decoder.to_pixel.patch_size == 16 and tok.decoder.to_pixel.model.out_features == 16 * 16 * 3
+    # Linear(width -> D) out of the encoder, Linear(D -> width) into the decoder, N latent tokens.
+    assert tok.quant_conv.weight.shape == (dim, enc_width) and tok.post_quant_conv.weight.shape == (dec_width, dim)
+    assert tok.encoder.latent_tokens.shape == (1, tokens, enc_width)
+    assert tok.decoder.latent_pos_embed.shape == (1, tokens, dec_width)
+    c = tok.config
+    if expected["kind"] == "softvq":
+        q = tok.quantize
+        assert (q.num_codebooks, q.codebook_size, q.tau, q.entropy_loss_ratio) == (4, 8192, 0.07, 0.01)
+        assert q.embedding.shape == (4, 8192, dim)
+        # Absolute positions and a decoder class token, no RoPE, no mask modelling.
+        assert tok.decoder.use_ape and tok.decoder.model.cls_token is not None
+        assert not tok.encoder.use_rope and not tok.masks_tokens
+    else:
+        # No quantizer; RoPE-Mixed (theta 10) instead of decoder APE, no decoder class token, MoVQ
+        # decoder blocks, and mask modelling with ratios in [0.4, 0.6].
+        assert tok.quantize is None
+        assert tok.encoder.use_rope and tok.decoder.use_rope and c.rope_mixed and c.rope_theta == 10.0
+        assert not tok.decoder.use_ape and tok.decoder.model.cls_token is None
+        assert all(isinstance(b, MoVQBlock) for b in tok.decoder.model.blocks)
+        assert tok.masks_tokens and (c.enc_token_drop, c.enc_token_drop_max) == (0.4, 0.6)
+    if expected.get("vq"):
+        assert (c.vq_mean, c.vq_std) == expected["vq"]
+    count = _count(tok)
+    if expected.get("millions") is not None:
+        assert round(count / 1e6, 1) == expected["millions"]
+    if size == 512:
+        # The 512 px model is the 256 px one with position tables for 32 x 32 instead of 16 x 16
+        # patches, in the encoder and in the decoder (whose table the checkpoints keep even unused).
+        assert count == _count(_meta_tokenizer(name[:-4])) + (32 * 32 - 16 * 16) * (enc_width + dec_width)
+
+
+@pytest.mark.parametrize("name", GENERATOR_PRESETS)
+def test_generator_preset_has_its_published_shape(name):
+    depth, hidden, heads, millions = GENERATOR_SIZES[name.split("-")[1].split("/")[0]]
+    with torch.device("meta"):
+        model = build_generator(name, input_size=128, in_channels=32)
+    assert (model.kind, model.config.depth, model.config.hidden_size) == (name[:3].lower(), depth, hidden)
+    assert len(model.blocks) == depth and model.blocks[0].attn.qkv.in_features == hidden
+    assert model.blocks[0].attn.num_heads == heads
+    # Patch 1 on 1-D latents: each of the 128 tokens is embedded alone.
+    assert model.num_tokens == 128 and model.pos_embed.shape == (1, 128, hidden)
+    assert model.x_embedder.in_features == 32
+    # DiT learns its variance (eps and var channels); SiT predicts the velocity only.
+    assert model.out_channels == (64 if name.startswith("DiT") else 32)
+    assert model.y_embedder.embedding_table.num_embeddings == 1001  # 1000 classes and the null class
+    assert round(_count(model) / 1e6) == millions
+    if name == "SiT-XL/1":
+        assert round(_count(model) / 1e6, 1) == 674.9  # the README's figure for 128 x 32 latents
+
+
+def test_unknown_presets_are_refused():
     with pytest.raises(ValueError, match="unknown tokenizer preset 'maetok-x'"):
         preset_config("maetok-x")
     with pytest.raises(ValueError, match="unknown generator preset"):
