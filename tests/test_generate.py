@@ -18,6 +18,7 @@ from ctok.cli import main
 from ctok.commands import generate
 from ctok.hub import load_dit, load_sit, load_tokenizer
 from ctok.metrics.sample_npz import NpzImages
+from ctok.pipeline import LatentPipeline
 from ctok.sampling import sample_dit, sample_sit
 from ctok.training.sharding import derived_seed
 
@@ -119,19 +120,13 @@ def test_an_interrupted_run_resumes_without_redoing_finished_images(conformance_
 
     monkeypatch.setattr(generate, "save_png", real_save)
     sampled = []
-    real_sampler_for = generate.sampler_for
+    real_generate = LatentPipeline.generate
 
-    def counting_sampler_for(*a):
-        sample = real_sampler_for(*a)
+    def counting_generate(self, labels, **kw):
+        sampled.extend(labels)
+        return real_generate(self, labels, **kw)
 
-        def counted(model, noise, labels, **kw):
-            sampled.extend(labels.tolist())
-            return sample(model, noise, labels, **kw)
-
-        counted.keywords = sample.keywords
-        return counted
-
-    monkeypatch.setattr(generate, "sampler_for", counting_sampler_for)
+    monkeypatch.setattr(LatentPipeline, "generate", counting_generate)
     assert main(command(conformance_dir, out, *args)) == 0
     assert sampled == [2, 3, 4, 5, 6]  # batch [0, 1] was complete; [2, 3] had only image 2
     assert not list((out / "images").glob(".*.tmp"))
@@ -150,9 +145,9 @@ def test_resuming_with_other_settings_is_refused(conformance_dir, tmp_path, caps
     ((), "sit_small", "softvq_small",
      "the SIT generates 16 tokens x 8 channels but the tokenizer decodes 8 tokens x 8"),
     ((), "maetok_small", "maetok_small", "is a tokenizer; pass a SiT or DiT checkpoint"),
-    (("--solver", "ddim"), "sit_small", "maetok_small", "--solver ddim is a DiT sampler"),
-    (("--guidance-interval", "0", "0.5"), "dit_small", "maetok_small", "--guidance-interval applies to SiT only"),
-    (("--noise-schedule", "linear"), "sit_small", "maetok_small", "--noise-schedule applies to DiT only"),
+    (("--solver", "ddim"), "sit_small", "maetok_small", "solver 'ddim' is a DiT sampler"),
+    (("--guidance-interval", "0", "0.5"), "dit_small", "maetok_small", "guidance_interval applies to SiT only"),
+    (("--noise-schedule", "linear"), "sit_small", "maetok_small", "noise_schedule applies to DiT only"),
     (("--num-images", "0"), "sit_small", "maetok_small", "--num-images must be at least 1"),
     (("--cfg-scale", "0.5"), "sit_small", "maetok_small", "--cfg-scale must be >= 1"),
 ])

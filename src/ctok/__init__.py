@@ -13,6 +13,8 @@ _API = {
     "load_tokenizer": "ctok.hub",
     "load_sit": "ctok.hub",
     "load_dit": "ctok.hub",
+    "load_pipeline": "ctok.pipeline",
+    "LatentPipeline": "ctok.pipeline",
     "Tokenizer": "ctok.models.tokenizer",
     "TokenizerConfig": "ctok.models.tokenizer",
     "SiT": "ctok.models.diffusion_transformer",

@@ -4,12 +4,15 @@ Writes to ``--out``: ``images/NNNNNN.png`` (one per image), ``grid.png`` (the fi
 ``samples.npz`` (``arr_0``: uint8 (N, H, W, 3), the file ADM's evaluator reads) and
 ``generate.json`` (the settings, checked when a run resumes).
 
-Image i depends only on (seed, i): its starting noise and every later random draw of the sampler
-come from its own generator, seeded from (seed, i), and the images are cut into fixed global
-batches of ``--batch-size`` that go whole to one process (a CPU matmul's rounding can depend on
-the batch size). So the same command gives the same images on 1 or 8 processes. Under torchrun
-the unfinished batches are dealt out round-robin; a run that was killed skips the batches whose
-images all exist (each PNG is written atomically, so an existing one is complete).
+Each batch is drawn by :meth:`ctok.pipeline.LatentPipeline.generate`, which owns the latent
+normalisation, the tokenizer check and the sampler settings, so that Python reproduces these
+images exactly. Image i depends only on (seed, i): its starting noise and every later random draw
+of the sampler come from its own generator, seeded from (seed, i)
+(:func:`ctok.sampling.noise.image_generators`), and the images are cut into fixed global batches
+of ``--batch-size`` that go whole to one process (a CPU matmul's rounding can depend on the batch
+size). So the same command gives the same images on 1 or 8 processes. Under torchrun the
+unfinished batches are dealt out round-robin; a run that was killed skips the batches whose images
+all exist (each PNG is written atomically, so an existing one is complete).
 """
 from __future__ import annotations
 
@@ -24,8 +27,6 @@ SAMPLES_NAME = "samples.npz"
 GRID_NAME = "grid.png"
 IMAGES_DIR = "images"
 GRID_IMAGES = 64
-SIT_SOLVERS = ("euler", "heun", "euler-maruyama")
-DIT_SAMPLERS = ("ddpm", "ddim")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="SiT only: guide only while LOW <= t <= HIGH (t = 1 is noise; default 0 1)")
     parser.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
-    parser.add_argument("--solver", choices=SIT_SOLVERS + DIT_SAMPLERS,
-                        help="SiT: euler, heun or euler-maruyama (default); DiT: ddpm (default) or ddim")
+    parser.add_argument("--solver", help="SiT: euler, heun or euler-maruyama (default); DiT: ddpm (default) or ddim")
     parser.add_argument("--noise-schedule", choices=("cosine", "linear"),
                         help="DiT only: the schedule it was trained with (default cosine, as the released DiT)")
     parser.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
@@ -68,33 +68,25 @@ def generate(args: argparse.Namespace, ctx) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from ctok.hub import load_dit, load_sit, load_tokenizer, model_kind, read_config, resolve
+    from ctok.hub import resolve
+    from ctok.pipeline import load_pipeline
+    from ctok.sampling.noise import image_generators
     from ctok.training.distributed import barrier
 
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     folder = resolve(args.model)
-    kind = model_kind(read_config(folder))
-    if kind == "tokenizer":
-        raise ValueError(f"--model {args.model} is a tokenizer; pass a SiT or DiT checkpoint")
-    sample = sampler_for(args, kind, read_config(folder))
-    tokenizer = load_tokenizer(args.tokenizer, ctx.device)
-    model = (load_sit if kind == "sit" else load_dit)(folder, ctx.device)
-    if (model.num_tokens, model.in_channels) != (tokenizer.num_tokens, tokenizer.latent_dim):
-        raise ValueError(
-            f"the {kind.upper()} generates {model.num_tokens} tokens x {model.in_channels} channels but the tokenizer "
-            f"decodes {tokenizer.num_tokens} tokens x {tokenizer.latent_dim}; pair the generator with the tokenizer "
-            "it was trained on"
-        )
-    denormalize = latent_denormalizer(read_config(folder), tokenizer, args)
-    labels = image_labels(args, model)
+    pipe = load_pipeline(args.tokenizer, folder, device=ctx.device)
+    sampling = dict(num_steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale,
+                    guidance_interval=args.guidance_interval, noise_schedule=args.noise_schedule)
+    labels = image_labels(args, pipe.generator)
     # Through JSON once, so that it compares equal to the copy a resumed run reads back.
     settings = json.loads(json.dumps({
-        "tokenizer": str(args.tokenizer), "tokenizer_identity": tokenizer.identity(),
-        "model": str(args.model), "model_kind": kind, "model_sha256": file_sha256(folder),
+        "tokenizer": str(args.tokenizer), "tokenizer_identity": pipe.tokenizer.identity(),
+        "model": str(args.model), "model_kind": pipe.kind, "model_sha256": file_sha256(folder),
         "num_images": args.num_images, "batch_size": args.batch_size, "seed": args.seed,
-        "labels": args.labels, **sample.keywords,
+        "labels": args.labels, **pipe.sampler_arguments(**sampling),
     }))
 
     out, images_dir = args.out, args.out / IMAGES_DIR
@@ -111,72 +103,17 @@ def generate(args: argparse.Namespace, ctx) -> None:
         write_json(out / SETTINGS_NAME, settings)
     mine = todo[ctx.rank::ctx.world_size]
 
-    use_bf16 = ctx.device.type == "cuda"
     bar = tqdm(total=sum(len(b) for b in mine), unit="img", desc="generating", disable=not ctx.is_main)
     for batch in mine:
-        generators = [torch.Generator(ctx.device).manual_seed(image_seed(args.seed, i)) for i in batch]
-        noise = torch.stack([torch.randn(model.num_tokens, model.in_channels, generator=g, device=ctx.device)
-                             for g in generators])
-        y = torch.tensor([labels(i) for i in batch], device=ctx.device)
-        with torch.no_grad(), torch.autocast(ctx.device.type, torch.bfloat16, enabled=use_bf16):
-            latents = sample(model, noise, y, generator=generators)
-            pixels = tokenizer.decode(denormalize(latents))
-        for i, image in zip(batch, to_uint8(pixels).permute(0, 2, 3, 1).cpu().numpy()):
+        images = pipe.generate([labels(i) for i in batch], generators=image_generators(args.seed, batch, ctx.device),
+                               **sampling)
+        for i, image in zip(batch, images):
             save_png(image_path(images_dir, i), image)
         bar.update(len(batch))
     bar.close()
     barrier()
     if ctx.is_main and (todo or not (out / SAMPLES_NAME).is_file()):
         write_outputs(out, args.num_images)
-
-
-def latent_denormalizer(config: dict, tokenizer, args: argparse.Namespace):
-    """How generated latents map back to the tokenizer's scale.
-
-    A generator trained by ctok records the normalisation it was trained with and the identity of
-    the tokenizer whose latents it learned; decoding with another tokenizer, or without that
-    normalisation, gives garbage (FID ~130), so both are enforced. Released generators record
-    neither: the tokenizer config's vq_mean / vq_std apply, as in the original.
-    """
-    trained_on = config.get("tokenizer", {}).get("identity")
-    if trained_on is not None and trained_on != tokenizer.identity():
-        raise ValueError(
-            f"--model {args.model} was trained on latents of tokenizer {trained_on} "
-            f"({config['tokenizer'].get('source')}), but --tokenizer {args.tokenizer} is {tokenizer.identity()}"
-        )
-    stats = config.get("latent_stats")
-    if stats is None:
-        return tokenizer.denormalize
-    mean, std = float(stats["mean"]), float(stats["std"])
-    return lambda z: z * std + mean
-
-
-def sampler_for(args: argparse.Namespace, kind: str, config: dict):
-    """``sample(model, noise, labels, generator=...)`` with this command's settings bound.
-
-    A DiT's noise schedule defaults to the one its config records (ctok's trainer writes it), else
-    cosine, which every released DiT used.
-    """
-    from functools import partial
-
-    from ctok.sampling import sample_dit, sample_sit
-
-    if kind == "sit":
-        if args.noise_schedule is not None:
-            raise ValueError("--noise-schedule applies to DiT only; SiT integrates a flow")
-        solver = args.solver or "euler-maruyama"
-        if solver not in SIT_SOLVERS:
-            raise ValueError(f"--solver {solver} is a DiT sampler; a SiT takes one of {SIT_SOLVERS}")
-        interval = tuple(args.guidance_interval or (0.0, 1.0))
-        return partial(sample_sit, num_steps=args.steps, solver=solver, cfg_scale=args.cfg_scale,
-                       guidance_interval=interval)
-    if args.guidance_interval is not None:
-        raise ValueError("--guidance-interval applies to SiT only; a DiT is guided at every step")
-    solver = args.solver or "ddpm"
-    if solver not in DIT_SAMPLERS:
-        raise ValueError(f"--solver {solver} is a SiT solver; a DiT takes one of {DIT_SAMPLERS}")
-    return partial(sample_dit, num_steps=args.steps, sampler=solver, noise_schedule=args.noise_schedule or config.get("noise_schedule", "cosine"),
-                   cfg_scale=args.cfg_scale)
 
 
 def image_labels(args: argparse.Namespace, model):
@@ -193,12 +130,6 @@ def image_labels(args: argparse.Namespace, model):
         raise ValueError(f"--labels must lie in [0, {top}] for this model ({model.num_classes} classes"
                          f"{', the last id is the null class' if model.has_null_class else ''}), got {bad}")
     return lambda i: ids[i % len(ids)]
-
-
-def image_seed(seed: int, index: int) -> int:
-    from ctok.training.sharding import derived_seed
-
-    return derived_seed(seed, index)
 
 
 def image_path(images_dir: Path, index: int) -> Path:
@@ -228,14 +159,6 @@ def check_settings(out: Path, settings: dict) -> None:
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
         raise ValueError(f"{out} holds images made with other settings ({details}); "
                          "pass a new --out, or delete that folder to start over")
-
-
-def to_uint8(images):
-    """[-1, 1] -> uint8 as the original samplers quantised for their FID-50k: clamp, then truncate
-    255 * (x + 1) / 2. Rounding to nearest would be half a level brighter on average and shift FID."""
-    import torch
-
-    return (255.0 * ((images.float().clamp(-1, 1) + 1) / 2)).to(torch.uint8)
 
 
 def save_png(path: Path, image) -> None:

@@ -131,6 +131,7 @@ class Demo:
         from ctok.metrics import psnr, ssim
         from ctok.metrics.evaluator import evaluate
         from ctok.metrics.sample_npz import NpzImages, write_npz_images
+        from ctok.pipeline import to_uint8
 
         say("Stage 3/8 reconstruct: the test images through the tokenizer (PSNR, SSIM, reconstruction FID)")
         if "test_psnr_db" in self.metrics:
@@ -142,7 +143,7 @@ class Demo:
         for batch in tqdm(originals.batches(250), total=-(-len(originals) // 250), desc="reconstruct"):
             x = _nchw(batch)
             with torch.no_grad():
-                rec = _to_uint8(tok.decode(tok.encode(x.float() / 127.5 - 1)))
+                rec = to_uint8(tok.decode(tok.encode(x.float() / 127.5 - 1)))
             recs.append(rec)
             # On the uint8 images, as the reconstructions are saved and as peers report them.
             psnrs.append(psnr(_nchw(rec), x).numpy())
@@ -160,19 +161,17 @@ class Demo:
     def random_latent_fid(self) -> None:
         """The FID of decoding random latents: the score of a generator that learned nothing.
 
-        N(0, 1) in the normalised space the SiT works in, mapped back with the normalisation it
-        recorded, exactly as ``ctok generate`` decodes its samples.
+        N(0, 1) in the normalised space the SiT works in, decoded by the same pipeline object as
+        ``ctok generate`` decodes its samples with (so with the normalisation the SiT was trained with).
         """
-        from ctok.hub import load_tokenizer, read_config
         from ctok.metrics.evaluator import evaluate
         from ctok.metrics.sample_npz import write_npz_images
+        from ctok.pipeline import load_pipeline, to_uint8
 
-        tok = load_tokenizer(self.tokenizer_dir)
-        stats = read_config(self.generator_dir)["latent_stats"]
+        pipe = load_pipeline(self.tokenizer_dir, self.generator_dir)
         g = torch.Generator().manual_seed(self.settings.seed)
-        z = torch.randn(self.settings.num_images, tok.num_tokens, tok.latent_dim, generator=g)
-        with torch.no_grad():
-            images = _to_uint8(tok.decode(z * stats["std"] + stats["mean"]))
+        z = torch.randn(self.settings.num_images, pipe.tokenizer.num_tokens, pipe.tokenizer.latent_dim, generator=g)
+        images = to_uint8(pipe.decode(z))
         path = self.out / "reconstruct" / "random_latents.npz"
         write_npz_images(path, [images], len(images))
         self.record(random_latent_fid=evaluate(path, self.reference, self.classifier, progress=False,
@@ -244,12 +243,6 @@ class Demo:
 def _nchw(images: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, 3) as saved -> uint8 tensor (B, 3, H, W)."""
     return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # a copy: npz batches are read-only
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    from ctok.commands.generate import to_uint8
-
-    return to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
 def _save_pairs(originals: np.ndarray, recs: np.ndarray, path: Path) -> None:

@@ -9,6 +9,11 @@ Both models are the same network. They differ in what they predict and how time 
 Parameter names follow the released checkpoints so that their state dicts load unchanged.
 Class ``num_classes`` is the null class used for classifier-free guidance; it exists only when
 the model was trained with label dropout (``class_dropout_prob > 0``).
+
+A generator trained by ctok also carries, in its config, what sampling must know about the latents
+it learned: their normalisation (``latent_stats``), the tokenizer they came from (``tokenizer``)
+and, for a DiT, its noise schedule. Released checkpoints carry none of them; the fields are then
+None and are left out of the config.json that ``save_pretrained`` writes.
 """
 from __future__ import annotations
 
@@ -126,9 +131,62 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+@dataclass(frozen=True)
+class LatentStats:
+    """The normalisation ``(z - mean) / std`` a generator's latents went through, and where its numbers came from."""
+
+    mean: float
+    std: float
+    source: str = ""
+
+    def __post_init__(self):
+        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"latent_stats needs a finite mean and a positive std, got mean {self.mean}, std {self.std}")
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "LatentStats":
+        """From the ``latent_stats`` entry of a config.json: ``{"mean", "std", "source"}``."""
+        if not isinstance(record, dict) or not {"mean", "std"} <= record.keys() <= {"mean", "std", "source"}:
+            raise ValueError(f"latent_stats must be a mapping with keys mean, std and (optionally) source, got {record!r}")
+        return cls(float(record["mean"]), float(record["std"]), str(record.get("source", "")))
+
+    @classmethod
+    def of_tokenizer(cls, tokenizer) -> "LatentStats":
+        """The tokenizer config's vq_mean / vq_std: what released generators were trained with."""
+        return cls(float(tokenizer.config.vq_mean), float(tokenizer.config.vq_std), "tokenizer config (vq_mean, vq_std)")
+
+    def to_dict(self) -> dict:
+        """The ``latent_stats`` entry of a config.json."""
+        return {"mean": self.mean, "std": self.std, "source": self.source}
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Tokenizer latents -> the space the generator works in."""
+        return (z - self.mean) / self.std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Generator latents -> the tokenizer's scale."""
+        return z * self.std + self.mean
+
+
+@dataclass(frozen=True)
+class TokenizerRecord:
+    """The tokenizer whose latents a generator learned: its :meth:`Tokenizer.identity` and where it was loaded from."""
+
+    identity: str
+    source: str = ""
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "TokenizerRecord":
+        """From the ``tokenizer`` entry of a config.json: ``{"identity", "source"}``."""
+        if not isinstance(record, dict) or not {"identity"} <= record.keys() <= {"identity", "source"}:
+            raise ValueError(f"tokenizer must be a mapping with keys identity and (optionally) source, got {record!r}")
+        return cls(str(record["identity"]), str(record.get("source", "")))
+
+
 @dataclass
 class TransformerConfig:
-    """Constructor arguments shared by SiT and DiT, named as in the released config.json files."""
+    """Constructor arguments shared by SiT and DiT, named as in the released config.json files,
+    and what ctok's trainer records about the latents (None for released checkpoints)."""
 
     input_size: int = 128  # number of latent tokens
     in_channels: int = 32  # latent width
@@ -139,14 +197,24 @@ class TransformerConfig:
     class_dropout_prob: float = 0.1
     num_classes: int = 1000
     qk_norm: bool = False
+    latent_stats: LatentStats | None = None  # None: the tokenizer's vq_mean / vq_std apply
+    tokenizer: TokenizerRecord | None = None  # None: trained elsewhere, on a tokenizer ctok cannot check
 
+    def __post_init__(self):
+        # config.json holds the two records as plain mappings; from_dict refuses anything else.
+        if self.latent_stats is not None and not isinstance(self.latent_stats, LatentStats):
+            self.latent_stats = LatentStats.from_dict(self.latent_stats)
+        if self.tokenizer is not None and not isinstance(self.tokenizer, TokenizerRecord):
+            self.tokenizer = TokenizerRecord.from_dict(self.tokenizer)
+
+
+# Config fields that a config.json holds only when they are set.
+_RECORDED_KEYS = ("latent_stats", "tokenizer", "noise_schedule")
 
 # Keys that configs carry but that change nothing in the network's computation: hub metadata,
-# the attention kernel choice, flags that are always true for 1-D latents, and what ctok's
-# trainer records about the latents (their normalisation and the tokenizer they came from).
+# the attention kernel choice, and flags that are always true for 1-D latents.
 _INERT_KEYS = {"license", "repo_url", "tags", "fused_attn", "flash_attn", "use_cfg", "vae_1d", "patch_size",
-               "decoder_hidden_size", "path_type", "learn_sigma", "latent_stats", "tokenizer",
-               "noise_schedule"}
+               "decoder_hidden_size", "path_type", "learn_sigma"}
 
 
 class DiffusionTransformer(nn.Module):
@@ -233,7 +301,7 @@ class DiffusionTransformer(nn.Module):
         out = dict(getattr(self, "extra_config", {}))
         out.update(asdict(self.config), vae_1d=True, patch_size=1)
         out.setdefault("license", "apache-2.0")
-        return out
+        return {k: v for k, v in out.items() if not (k in _RECORDED_KEYS and v is None)}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -273,6 +341,7 @@ class SiT(DiffusionTransformer):
 @dataclass
 class DiTConfig(TransformerConfig):
     learn_sigma: bool = True
+    noise_schedule: str | None = None  # the schedule it was trained on; None: cosine, as every released DiT
 
 
 class DiT(DiffusionTransformer):
@@ -286,6 +355,8 @@ class DiT(DiffusionTransformer):
     config_class = DiTConfig
 
     def __init__(self, config: DiTConfig):
+        if config.noise_schedule not in (None, "linear", "cosine"):
+            raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {config.noise_schedule!r}")
         super().__init__(config, out_channels=config.in_channels * (2 if config.learn_sigma else 1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

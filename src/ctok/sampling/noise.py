@@ -2,14 +2,28 @@
 
 A per-sample stream makes a sample's noise independent of which other samples share its batch,
 which is what lets ``ctok generate`` give image i the same pixels however the work is split.
+Image i of a run with seed s draws from a generator seeded with :func:`image_seed` (s, i); the
+command line and :class:`ctok.pipeline.LatentPipeline` both go through :func:`image_generators`.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
+from ctok.training.sharding import derived_seed
+
 Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image ``index``'s noise stream in a run seeded with ``seed``."""
+    return derived_seed(seed, index)
+
+
+def image_generators(seed: int, indices: Iterable[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per image, seeded with :func:`image_seed` (seed, i), on ``device``."""
+    return [torch.Generator(device).manual_seed(image_seed(seed, i)) for i in indices]
 
 
 def check_generators(generator: Generators, batch: int, device: torch.device) -> None:

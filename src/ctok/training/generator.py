@@ -27,7 +27,6 @@ dropout is its only train-time behaviour.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +37,11 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ctok.hub import CONFIG_NAME, load_tokenizer
+from ctok.hub import load_tokenizer
 from ctok.latent_cache import LatentCache, LatentStatistics, open_image_dataset
-from ctok.models.diffusion_transformer import DiT, SiT, build_preset
+from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord, build_preset
 from ctok.sampling.flow import sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
-from ctok.atomic_files import atomic_write
 from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
 from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
@@ -134,23 +132,11 @@ FREE_ON_RESUME = ("tokenizer", "data.num_workers", "samples.num_images", "sample
 
 
 # -- latents ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LatentStats:
-    """The normalisation ``(z - mean) / std`` and where its numbers came from."""
-
-    mean: float
-    std: float
-    source: str
-
-    def to_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "source": self.source}
-
-
 def choose_latent_stats(tokenizer, cache: LatentCache | None, images: Dataset | None, num_images: int) -> LatentStats:
     """The tokenizer config's vq_mean/vq_std if set, else the cache's statistics, else the first images'."""
-    mean, std = float(tokenizer.config.vq_mean), float(tokenizer.config.vq_std)
-    if (mean, std) != (0.0, 1.0):
-        return LatentStats(mean, std, "tokenizer config (vq_mean, vq_std)")
+    own = LatentStats.of_tokenizer(tokenizer)
+    if (own.mean, own.std) != (0.0, 1.0):
+        return own
     if cache is not None:
         return LatentStats(cache.info.mean, cache.info.std, f"latent cache {cache.info.folder}")
     count = min(num_images, len(images))
@@ -174,7 +160,7 @@ class CachedLatents:
         views, labels = batch
         choice = rng.randint(views.shape[1])
         z = views[torch.arange(views.shape[0], device=views.device), choice]
-        return (z - self.stats.mean) / self.stats.std, labels
+        return self.stats.normalize(z), labels
 
 
 class EncodedImages:
@@ -196,7 +182,7 @@ class EncodedImages:
             images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
         with torch.no_grad():
             z = self.tokenizer.encode(images).float()
-        return (z - self.stats.mean) / self.stats.std, labels
+        return self.stats.normalize(z), labels
 
 
 # -- objectives ------------------------------------------------------------------------------
@@ -253,7 +239,7 @@ class GeneratorTask:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.tokenizer.decode(latents.float() * self.stats.std + self.stats.mean)
+        return self.tokenizer.decode(self.stats.denormalize(latents.float()))
 
 
 class FlowMatchingTask(GeneratorTask):
@@ -314,17 +300,24 @@ def check_model_section(kind: str, m: ModelSection, num_tokens: int | None = Non
             raise ValueError(f"model.{key} is {theirs} but the latents have {ours} {what} ({num_tokens} x {latent_dim})")
 
 
-def build_generator(kind: str, cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: int) -> SiT | DiT:
-    """The network of ``model.preset`` sized for the tokenizer's latents."""
+def build_generator(kind: str, cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: int,
+                    stats: LatentStats | None = None, tokenizer: TokenizerRecord | None = None) -> SiT | DiT:
+    """The network of ``model.preset`` sized for the tokenizer's latents.
+
+    ``stats`` and ``tokenizer`` go into its config, so that the exported config.json tells sampling
+    how to undo the normalisation and which tokenizer decodes the latents (a DiT's also records its
+    noise schedule).
+    """
     m = cfg.model
     check_model_section(kind, m, num_tokens, latent_dim)
     overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("depth", m.depth), ("num_heads", m.num_heads))
                  if v is not None}
-    overrides.update(mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm, class_dropout_prob=m.class_dropout_prob)
+    overrides.update(mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm, class_dropout_prob=m.class_dropout_prob,
+                     latent_stats=stats, tokenizer=tokenizer)
     if kind == "sit":
         overrides["path_type"] = cfg.flow.path
     else:
-        overrides["learn_sigma"] = cfg.diffusion.learn_sigma
+        overrides.update(learn_sigma=cfg.diffusion.learn_sigma, noise_schedule=cfg.diffusion.schedule)
     return build_preset(m.preset, input_size=num_tokens, in_channels=latent_dim, num_classes=m.num_classes,
                         **overrides)
 
@@ -377,7 +370,8 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
                         free_on_resume=FREE_ON_RESUME)
         tokenizer = tokenizer.to(ctx.device).eval()
         stats = choose_latent_stats(tokenizer, cache, images, cfg.data.stats_images)
-        network = build_generator(kind, cfg, tokenizer.num_tokens, tokenizer.latent_dim)
+        network = build_generator(kind, cfg, tokenizer.num_tokens, tokenizer.latent_dim, stats,
+                                  TokenizerRecord(tokenizer.identity(), str(source)))
         network.eval()  # see the module docstring: label dropout is drawn by the task
         model = runner.add_module("model", network, optim=cfg.optim, ema_decay=cfg.ema.decay)
         latents = CachedLatents(stats) if cache is not None else EncodedImages(tokenizer, stats, cfg.data.flip)
@@ -391,23 +385,9 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         runner.fit(task, cache if cache is not None else images, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"
         if ctx.is_main:
-            export_generator(runner.ema_module("model"), out, stats, tokenizer, source,
-                             schedule=cfg.diffusion.schedule if kind == "dit" else None)
+            # The EMA copy carries the network's config, latent statistics and tokenizer included.
+            runner.ema_module("model").save_pretrained(out)
             tqdm.write(f"exported the EMA weights to {out}")
         return out
     finally:
         shutdown_distributed()
-
-
-def export_generator(ema: nn.Module, folder: Path, stats: LatentStats, tokenizer, tokenizer_source: str,
-                     schedule: str | None = None) -> Path:
-    """``save_pretrained`` of the EMA network, with the latent normalisation and the tokenizer it belongs to."""
-    ema.save_pretrained(folder)
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    config["latent_stats"] = stats.to_dict()
-    config["tokenizer"] = {"identity": tokenizer.identity(), "source": tokenizer_source}
-    if isinstance(ema, DiT):  # so that `ctok generate` samples on the schedule it was trained on
-        config["noise_schedule"] = schedule
-    with atomic_write(folder / CONFIG_NAME, "w") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return folder
