@@ -9,7 +9,8 @@ import torch
 
 from conftest import assert_conforms, conformance_case, conformance_model
 from ctok.models.diffusion_transformer import SiT
-from ctok.sampling import sample_sit
+from ctok.sampling import FlowPath, sample_sit
+from ctok.sampling.flow import PATH_TYPES
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,78 @@ def path(t, path_type):
     h = math.pi / 2
     sin, cos = (torch.sin, torch.cos) if torch.is_tensor(t) else (math.sin, math.cos)
     return cos(h * t), -h * sin(h * t), sin(h * t), h * cos(h * t)
+
+
+# -- the path object shared by training and sampling ----------------------------------------
+
+def as_tuple(values) -> tuple:
+    return values if isinstance(values, tuple) else (values,)
+
+
+def stacked(values, like: torch.Tensor) -> torch.Tensor:
+    """One row per value (a float or a tensor), each broadcast to ``like``'s shape."""
+    return torch.stack([torch.as_tensor(v, dtype=like.dtype).expand_as(like) for v in as_tuple(values)])
+
+
+@pytest.mark.parametrize("path_type", PATH_TYPES)
+def test_path_coefficients_agree_for_float_and_tensor_times(path_type):
+    """The samplers ask at float times, training at tensor times: one formula answers both."""
+    flow = FlowPath(path_type)
+    grid = torch.linspace(0.04, 1.0, 25, dtype=torch.float64)
+    for method in (flow.coefficients, flow.sde_drift, flow.sde_diffusion):
+        on_floats = [as_tuple(method(t)) for t in grid.tolist()]
+        # float in, float out: the samplers' scalar arithmetic stays in Python floats
+        assert all(isinstance(c, float) for values in on_floats for c in values), method.__name__
+        torch.testing.assert_close(stacked(method(grid), grid), torch.tensor(on_floats, dtype=torch.float64).T,
+                                   rtol=1e-14, atol=0, msg=method.__name__)
+    # and both are this file's independent statement of the paths
+    torch.testing.assert_close(stacked(flow.coefficients(grid), grid), stacked(path(grid, path_type), grid))
+
+
+@pytest.mark.parametrize("path_type", PATH_TYPES)
+def test_the_training_target_is_the_velocity_the_samplers_integrate(path_type):
+    """The regression target is dx_t/dt (what the ODE solvers integrate), and with it the SDE
+    drift is ``v - t * score`` for the true score: for one data point x_0, x_t ~ N(alpha x_0, sigma^2),
+    whose score at x_t is -eps / sigma."""
+    flow = FlowPath(path_type)
+    x0 = torch.randn(6, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(6, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.linspace(0.05, 0.95, 6, dtype=torch.float64)
+    x_t, target = flow.training_targets(x0, t, noise)
+    # Each element as a sample of its own, with its own copy of its time: the gradient of the sum
+    # with respect to those times is then every element's dx_t/dt.
+    times = t.repeat_interleave(8).requires_grad_()
+    (dx_dt,) = torch.autograd.grad(flow.training_targets(x0.reshape(-1, 1), times, noise.reshape(-1, 1))[0].sum(),
+                                   times)
+    torch.testing.assert_close(target, dx_dt.view_as(target))
+
+    for i, time in enumerate(t.tolist()):
+        a, b = flow.sde_drift(time)
+        sigma = flow.coefficients(time)[2]
+        score = -noise[i] / sigma
+        torch.testing.assert_close(a * target[i] + b * x_t[i], target[i] - flow.sde_diffusion(time) ** 2 / 2 * score)
+
+
+def test_the_training_loss_regresses_the_target_velocity():
+    flow = FlowPath("cosine")
+    x0, noise = torch.randn(5, 4, 2), torch.randn(5, 4, 2)
+    t, y = torch.rand(5), torch.arange(5)
+    x_t, target = flow.training_targets(x0, t, noise)
+    seen = {}
+
+    def model(x, time, labels):
+        seen.update(x=x, t=time, y=labels)
+        return target + 0.5
+
+    assert float(flow.training_loss(model, x0, t, y, noise)) == pytest.approx(0.25)
+    assert torch.equal(seen["x"], x_t) and seen["t"] is t and seen["y"] is y
+
+
+def test_flow_path_rejects_unknown_settings():
+    with pytest.raises(ValueError, match="path_type must be one of"):
+        FlowPath("vp")
+    with pytest.raises(ValueError, match="time_sampling must be one of"):
+        FlowPath("linear").sample_time(None, "logit")
 
 
 # -- conformance with the original samplers -------------------------------------------------

@@ -1,9 +1,12 @@
-"""Sampling SiT: integrate its velocity field from noise (t = 1) to data (t = 0).
+"""SiT's flow-matching path, and sampling SiT by integrating its velocity from noise (t = 1) to data (t = 0).
 
-The flow-matching path is ``x_t = alpha_t x_0 + sigma_t eps`` with ``alpha = 1 - t, sigma = t``
-(linear) or ``alpha = cos(pi t / 2), sigma = sin(pi t / 2)`` (cosine); the model predicts the
-velocity ``v = dx_t / dt``. Three solvers, all stepping in float64 as the original does (the model
-itself runs in its own dtype):
+The path is ``x_t = alpha_t x_0 + sigma_t eps`` with ``alpha = 1 - t, sigma = t`` (linear) or
+``alpha = cos(pi t / 2), sigma = sin(pi t / 2)`` (cosine); the model predicts the velocity
+``v = dx_t / dt = alpha'_t x_0 + sigma'_t eps``. :class:`FlowPath` holds these coefficients once,
+for the training loss and for the samplers alike, so that the velocity a model learns is the one it
+is sampled with (as SiT's ``transport`` package does).
+
+Three solvers, all stepping in float64 as the original does (the model itself runs in its own dtype):
 
 * ``euler`` and ``heun``: the probability-flow ODE ``dx = v dt`` on ``num_steps`` equal steps from
   1 to 0; Heun averages the slope at both ends of a step, except on the last step (t_next = 0).
@@ -19,6 +22,7 @@ Classifier-free guidance mixes the velocities of the label and of the null class
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -27,30 +31,105 @@ from ctok.sampling.noise import Generators, check_generators, randn
 from ctok.validation import check_labels, check_tensor
 
 SOLVERS = ("euler", "heun", "euler-maruyama")
-PATHS = ("linear", "cosine")
+PATH_TYPES = ("linear", "cosine")
+TIME_SAMPLINGS = ("uniform", "lognormal")
 # The SDE stops injecting noise here: the score of the linear path diverges as t -> 0.
 SDE_LAST_TIME = 0.04
 
-
-def path_coefficients(t: float, path_type: str) -> tuple[float, float, float, float]:
-    """(alpha_t, d alpha/dt, sigma_t, d sigma/dt) of the interpolation ``alpha x_0 + sigma eps``."""
-    if path_type == "linear":
-        return 1.0 - t, -1.0, t, 1.0
-    half_pi = math.pi / 2
-    return (math.cos(half_pi * t), -half_pi * math.sin(half_pi * t),
-            math.sin(half_pi * t), half_pi * math.cos(half_pi * t))
+# A time: a Python float while sampling (every sample shares it), a tensor while training (one per sample).
+Time = float | torch.Tensor
 
 
-def sde_drift_coefficients(t: float, path_type: str) -> tuple[float, float]:
-    """(a, b) with the reverse-SDE drift ``v - t * score(v, x) = a v + b x`` at time t.
+class PerSampleRandom(Protocol):
+    """One random number per sample of the batch on each call, as ``ctok.training.sharding.BatchRandom`` draws."""
 
-    The diffusion is g^2 = 2t, so the score correction is ``t * (r v - x) / var``.
-    Writing the drift as two scalars keeps each step to a couple of tensor operations.
+    def rand(self) -> torch.Tensor: ...
+
+    def randn(self) -> torch.Tensor: ...
+
+
+class FlowPath:
+    """The interpolation ``x_t = alpha_t x_0 + sigma_t eps`` of one path type, for training and sampling.
+
+    Every function of t takes a Python float or a tensor and computes with the same formulas:
+    ``math`` functions on a float (the samplers step in float64 scalars, as the original does),
+    ``torch`` functions elementwise on a tensor.
+
+    Args:
+        path_type: ``"linear"`` or ``"cosine"`` (a SiT's ``config.path_type``).
     """
-    alpha, d_alpha, sigma, d_sigma = path_coefficients(t, path_type)
-    ratio = alpha / d_alpha
-    var = sigma**2 - ratio * d_sigma * sigma
-    return 1.0 - t * ratio / var, t / var
+
+    def __init__(self, path_type: str):
+        if path_type not in PATH_TYPES:
+            raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
+        self.path_type = path_type
+
+    def coefficients(self, t: Time) -> tuple[Time, Time, Time, Time]:
+        """(alpha_t, d alpha/dt, sigma_t, d sigma/dt) at t.
+
+        The linear path's derivatives are the constants -1 and 1, returned as floats: they broadcast
+        against a tensor t, and multiplying by them is exact, so nothing is lost by not expanding them.
+        """
+        if self.path_type == "linear":
+            return 1 - t, -1.0, t, 1.0
+        ops = torch if torch.is_tensor(t) else math
+        half_pi = math.pi / 2
+        return (ops.cos(half_pi * t), -half_pi * ops.sin(half_pi * t),
+                ops.sin(half_pi * t), half_pi * ops.cos(half_pi * t))
+
+    # -- training ------------------------------------------------------------------------------
+    def sample_time(self, rng: PerSampleRandom, time_sampling: str) -> torch.Tensor:
+        """Training times in (0, 1), one per sample, drawn with a single call of ``rng``.
+
+        ``"uniform"``, or ``"lognormal"`` in the noise-to-signal ratio: sigma_t / alpha_t = exp(n)
+        with n ~ N(0, 1), which is t = sigmoid(n) on the linear path (the SiT recipe) and
+        tan(pi t / 2) = exp(n) on the cosine path.
+        """
+        if time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
+        if time_sampling == "uniform":
+            return rng.rand()
+        log_ratio = rng.randn()
+        if self.path_type == "linear":
+            return torch.sigmoid(log_ratio)
+        return torch.atan(log_ratio.exp()) / (math.pi / 2)
+
+    def training_targets(self, x0: torch.Tensor, t: torch.Tensor,
+                         noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, v): the point of the path at per-sample times t (B,) and its velocity dx_t/dt there."""
+        alpha, d_alpha, sigma, d_sigma = self.coefficients(t.view(-1, *([1] * (x0.dim() - 1))))
+        return alpha * x0 + sigma * noise, d_alpha * x0 + d_sigma * noise
+
+    def training_loss(self, model, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                      noise: torch.Tensor) -> torch.Tensor:
+        """SiT's loss: the mean squared error of the predicted velocity ``model(x_t, t, y)``, over all elements.
+
+        ``x0`` are the (normalised) latents, ``t`` the times (B,), ``y`` the labels, ``noise`` eps.
+        """
+        x_t, target = self.training_targets(x0, t, noise)
+        return (model(x_t, t, y).float() - target).pow(2).mean()
+
+    # -- sampling ------------------------------------------------------------------------------
+    def sde_drift(self, t: Time) -> tuple[Time, Time]:
+        """(a, b) with the reverse-SDE drift ``v - g_t^2 / 2 * score(v, x) = a v + b x`` at time t.
+
+        The score follows from the velocity (see the module docstring), so the drift is affine in
+        (v, x); two scalars keep each sampler step to a couple of tensor operations.
+        """
+        alpha, d_alpha, sigma, d_sigma = self.coefficients(t)
+        ratio = alpha / d_alpha
+        var = sigma**2 - ratio * d_sigma * sigma
+        half_g2 = self._diffusion_squared(t) / 2
+        return 1.0 - half_g2 * ratio / var, half_g2 / var
+
+    def sde_diffusion(self, t: Time) -> Time:
+        """g_t, the reverse SDE's noise scale at time t."""
+        ops = torch if torch.is_tensor(t) else math
+        return ops.sqrt(self._diffusion_squared(t))
+
+    def _diffusion_squared(self, t: Time) -> Time:
+        # g^2 = 2t, SiT's choice for both paths; halving it again is exact, so the drift sees t itself.
+        return 2.0 * t
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -117,8 +196,7 @@ def sample_sit(
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if path_type is None:
         path_type = getattr(getattr(model, "config", None), "path_type", "linear")
-    if path_type not in PATHS:
-        raise ValueError(f"path_type must be one of {PATHS}, got {path_type!r}")
+    path = FlowPath(path_type)
     check_guidance(model, cfg_scale)
     low, high = (float(v) for v in guidance_interval)
     if not 0.0 <= low <= high <= 1.0:
@@ -147,13 +225,13 @@ def sample_sit(
         for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
             t_cur, t_next = times[i], times[i + 1]
             dt = t_next - t_cur
-            a, b = sde_drift_coefficients(t_cur, path_type)
+            a, b = path.sde_drift(t_cur)
             drift = a * velocity(x, t_cur, guided(t_cur)) + b * x
             if i == num_steps - 1:
                 x = x + dt * drift
             else:
                 dw = randn(x.shape, generator, x.device, x.dtype) * math.sqrt(abs(dt))
-                x = x + dt * drift + math.sqrt(2.0 * t_cur) * dw
+                x = x + dt * drift + path.sde_diffusion(t_cur) * dw
     else:
         times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
         for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):

@@ -11,13 +11,14 @@ possible here: it is applied inside the data path, not left to the user.
 
 Objectives (one per command):
 
-* SiT, flow matching: ``x_t = alpha_t x_0 + sigma_t eps`` (t = 1 is noise), linear path
-  (alpha = 1 - t, sigma = t) or cosine (alpha = cos(pi t/2), sigma = sin(pi t/2)), trained to
-  predict the velocity ``v = alpha'_t x_0 + sigma'_t eps`` with a mean squared error. Time is
-  uniform, or log-normal in the noise-to-signal ratio, sigma_t / alpha_t = exp(n) with n ~ N(0, 1)
-  (t = sigmoid(n) on the linear path, as in the SiT recipe).
+* SiT, flow matching: ``x_t = alpha_t x_0 + sigma_t eps`` (t = 1 is noise) on the linear or
+  cosine path, trained to predict the velocity ``v = alpha'_t x_0 + sigma'_t eps`` with a mean
+  squared error; time is uniform, or log-normal in the noise-to-signal ratio sigma_t / alpha_t.
+  The path, its time distribution and the loss are :class:`ctok.sampling.flow.FlowPath`'s, the
+  object the SiT samplers integrate with.
 * DiT, Gaussian diffusion: 1000 steps of a linear or cosine schedule, t uniform over the steps,
-  epsilon MSE plus (with learned sigma) the variational bound that trains the variance.
+  epsilon MSE plus (with learned sigma) the variational bound that trains the variance, as
+  :class:`ctok.sampling.gaussian_diffusion.GaussianDiffusion` computes it (the sampler's process).
 
 Label dropout for classifier-free guidance replaces a share ``model.class_dropout_prob`` of the
 labels by the null class. It is drawn here, from the step's per-sample random numbers, instead of
@@ -27,7 +28,6 @@ dropout is its only train-time behaviour.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ctok.hub import load_tokenizer
 from ctok.latent_cache import LatentCache, LatentStatistics, open_image_dataset
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord, build_preset
-from ctok.sampling.flow import sample_sit
+from ctok.sampling.flow import FlowPath, sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
 from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
@@ -186,25 +186,6 @@ class EncodedImages:
 
 
 # -- objectives ------------------------------------------------------------------------------
-def path_coefficients(t: torch.Tensor, path: str) -> tuple[torch.Tensor, ...]:
-    """(alpha, d alpha/dt, sigma, d sigma/dt) of ``x_t = alpha x_0 + sigma eps``, per sample."""
-    if path == "linear":
-        return 1 - t, -torch.ones_like(t), t, torch.ones_like(t)
-    half_pi = math.pi / 2
-    return (torch.cos(half_pi * t), -half_pi * torch.sin(half_pi * t),
-            torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
-
-
-def sample_time(rng: BatchRandom, path: str, time_sampling: str) -> torch.Tensor:
-    """Training times in (0, 1): uniform, or log-normal in sigma_t / alpha_t (see the module docstring)."""
-    if time_sampling == "uniform":
-        return rng.rand()
-    log_ratio = rng.randn()
-    if path == "linear":
-        return torch.sigmoid(log_ratio)  # t / (1 - t) = exp(n)
-    return torch.atan(log_ratio.exp()) / (math.pi / 2)  # tan(pi t / 2) = exp(n)
-
-
 def drop_labels(labels: torch.Tensor, rng: BatchRandom, prob: float, null_class: int) -> torch.Tensor:
     if prob <= 0:
         return labels
@@ -245,22 +226,20 @@ class GeneratorTask:
 class FlowMatchingTask(GeneratorTask):
     def __init__(self, *args, flow: FlowSection, **kwargs):
         super().__init__(*args, **kwargs)
-        self.flow = flow
+        self.time_sampling = flow.time_sampling
+        # The config key is ``flow.path`` (the YAML's word); it is a path type, as a SiT config names it.
+        self.path = FlowPath(flow.path)
 
     def training_step(self, batch, step: int, rng: BatchRandom) -> dict[str, torch.Tensor]:
         x0, labels = self.inputs(batch, rng)
-        t = sample_time(rng, self.flow.path, self.flow.time_sampling)
+        t = self.path.sample_time(rng, self.time_sampling)
         noise = rng.randn(*x0.shape[1:])
-        alpha, d_alpha, sigma, d_sigma = (c[:, None, None] for c in path_coefficients(t, self.flow.path))
-        x_t = alpha * x0 + sigma * noise
-        target = d_alpha * x0 + d_sigma * noise
-        v = self.model(x_t, t, labels)
-        return {"loss": (v.float() - target).pow(2).mean()}
+        return {"loss": self.path.training_loss(self.model, x0, t, labels, noise)}
 
     def sample_images(self, step: int) -> torch.Tensor:
         noise, labels = self.sample_noise()
         z = sample_sit(self.ema, noise, labels, num_steps=self.samples.steps, solver="euler",
-                       cfg_scale=self.samples.cfg_scale, path_type=self.flow.path)
+                       cfg_scale=self.samples.cfg_scale, path_type=self.path.path_type)
         return self.decode(z)
 
 
