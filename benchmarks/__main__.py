@@ -18,6 +18,7 @@ from benchmarks.measure import Gemm, copy_rate, machine, throughput
 from benchmarks.sampler_overhead import sampler_overhead
 from ctok.models.diffusion_transformer import build_preset as build_generator
 from ctok.models.tokenizer import build_preset as build_tokenizer
+from ctok.training.masking import random_patch_mask
 
 
 def autocast(device: torch.device):
@@ -82,10 +83,12 @@ def training_rows(device, gemm, *, batch: int, image_size: int) -> list[dict]:
     tok = build_tokenizer("maetok-b-128", image_size=image_size).to(device).train()
     opt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
     x = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
+    # Half the patches masked, the middle of MAETok's published 40-60% (the trainer draws masks, not the network).
+    mask = random_patch_mask(torch.rand(batch, tok.num_patches, device=device), 0.5)
 
     def tok_step():
         with autocast(device):
-            out = tok.training_forward(x)
+            out = tok.training_forward(x, mask)
             loss = (out.rec.float() - x).pow(2).mean()
         loss.backward()
         opt.step()

@@ -1,6 +1,8 @@
 """Model construction, presets and input validation."""
+import random
 from functools import cache
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,28 +176,79 @@ def test_config_errors_name_the_problem():
         Tokenizer.from_config({**TINY_MAETOK, "rope_mixed": False})
 
 
-def test_mask_modelling_only_in_training(tiny):
-    x = torch.rand(4, 3, 32, 32) * 2 - 1
+@pytest.fixture
+def tiny_training(tiny):
+    """The tiny MAETok in train mode (no dropout or drop path configured), back in eval mode after."""
     tiny.train()
-    torch.manual_seed(1)
-    out = tiny.training_forward(x)
-    ratio = out.mask.float().mean(1)
-    assert out.mask.shape == (4, 4) and torch.all(ratio == ratio[0])  # one ratio per step
-    assert 0.25 <= float(ratio[0]) <= 0.75  # round(r * 4) / 4 for r in [0.4, 0.6]
-    fixed = tiny.training_forward(x, mask_ratio=0.5)
-    assert fixed.mask.sum(1).tolist() == [2, 2, 2, 2]
-    assert tiny.training_forward(x, mask_ratio=0.0).mask is None
+    yield tiny
     tiny.eval()
-    assert tiny.training_forward(x).mask is None
 
 
-def test_mask_ratio_distribution_is_the_published_one(tiny):
-    torch.manual_seed(0)
-    ratios = torch.tensor([tiny.sample_mask_ratio() for _ in range(4000)])
-    assert 0.4 <= float(ratios.min()) and float(ratios.max()) <= 0.6
-    # Truncated normal on [0.4, 0.6], loc 0.6, scale 0.25: mean 0.5 - 0.25^2 * (pdf(0) - pdf(-0.8)) / (cdf(0) - cdf(-0.8))
-    from scipy.stats import truncnorm
-    assert abs(float(ratios.mean()) - truncnorm(-0.8, 0, loc=0.6, scale=0.25).mean()) < 0.003
+def test_without_a_mask_the_network_masks_nothing(tiny_training):
+    """Regression: the network used to draw a published 40-60% mask itself when given none in train mode."""
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = tiny_training.training_forward(x)
+        assert torch.equal(tiny_training.training_forward(x, None).z, out.z)
+        tiny_training.eval()
+        assert torch.equal(out.z, tiny_training.encode(x)) and torch.equal(out.rec, tiny_training(x))
+
+
+def test_the_network_draws_no_random_numbers(tiny_training):
+    """Masks are drawn by the trainer only: a training forward, masked or not, leaves every global
+    random generator as it found it, so it cannot have drawn a mask or a mask ratio."""
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = torch.tensor([[True, False, False, True], [False, True, False, False]])
+
+    def global_states():  # torch's, NumPy's (scipy.stats draws from it) and Python's
+        numpy_state = np.random.get_state()
+        return torch.get_rng_state(), numpy_state[1].tobytes(), numpy_state[2:], random.getstate()
+
+    for given in (None, mask):
+        torch.manual_seed(5)
+        np.random.seed(5)
+        random.seed(5)
+        before = global_states()
+        with torch.no_grad():
+            first = tiny_training.training_forward(x, given)
+        after = global_states()
+        assert torch.equal(after[0], before[0]) and after[1:] == before[1:]
+        torch.manual_seed(6)
+        with torch.no_grad():
+            assert torch.equal(tiny_training.training_forward(x, given).rec, first.rec)
+
+
+def test_a_given_mask_replaces_exactly_its_patches_by_the_mask_token(tiny_training):
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    # 16-px patches in row-major order: 0 top left, 1 top right, 2 bottom left, 3 bottom right.
+    mask = torch.tensor([[True, False, False, True], [False] * 4, [True] * 4])
+    token = tiny_training.encoder.mask_token
+    with torch.no_grad():
+        masked = tiny_training.training_forward(x, mask)
+        # The same pass unmasked, with the masked patch embeddings replaced by the mask token by hand.
+        hook = tiny_training.encoder.model.patch_embed.register_forward_hook(
+            lambda module, inputs, out: torch.where(mask[..., None], token, out))
+        try:
+            by_hand = tiny_training.training_forward(x)
+        finally:
+            hook.remove()
+        assert torch.equal(masked.z, by_hand.z) and torch.equal(masked.rec, by_hand.rec)
+        # Masked pixels are not seen at all, an unmasked patch is.
+        hidden = x.clone()
+        hidden[0, :, :16, :16], hidden[0, :, 16:, 16:], hidden[2] = 0.3, -0.7, 0.9
+        assert torch.equal(tiny_training.training_forward(hidden, mask).z, masked.z)
+        seen = x.clone()
+        seen[0, :, :16, 16:] = 0.3
+        changed = tiny_training.training_forward(seen, mask).z != masked.z
+        assert changed[0].any() and not changed[1:].any()
+
+
+def test_a_mask_must_be_bool_per_patch(tiny):
+    x = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 4\), got \(2, 5\)"):
+        tiny.training_forward(x, torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        tiny.training_forward(x, torch.zeros(2, 4))
 
 
 def test_generator_input_validation():

@@ -21,9 +21,11 @@ from ctok.models.tokenizer import Tokenizer
 from ctok.training.config import load_config
 from ctok.training.runner import RunSection
 from ctok.training.sharding import BatchRandom, BatchSplit
-from ctok.training.tokenizer import (AlignmentSection, AuxiliarySection, DataSection, DiscriminatorObjective,
-                                     GANSection, LossSection, MaskSchedule, TokenizerTask, TokenizerTrainConfig,
-                                     TokenizerTrainingModel, init_linear_xavier, tokenizer_config)
+from ctok.training.masking import MaskSchedule
+from ctok.training.tokenizer import DiscriminatorObjective, TokenizerTask, TokenizerTrainingModel
+from ctok.training.tokenizer_config import (AlignmentSection, AuxiliarySection, DataSection, GANSection, LossSection,
+                                            TokenizerTrainConfig, tokenizer_config)
+from ctok.training.tokenizer_setup import init_linear_xavier
 
 BATCH, PATCH, TEACHER_WIDTHS = 4, 8, {"dinov2": 6, "siglip": 5}
 GAN_START = 6
@@ -233,6 +235,17 @@ def test_masked_step_masks_the_scheduled_share_of_patches(make_setup):
     assert float(out["mask_ratio"]) == pytest.approx(0.5 * (1 - 3 / 10**9))
     assert mask.shape == (BATCH, 16) and mask.sum(1).tolist() == [8] * BATCH
     assert len({tuple(row.tolist()) for row in mask}) > 1  # drawn per sample, not one mask for all
+
+
+def test_a_step_whose_annealed_ratio_reached_zero_is_unmasked(make_setup):
+    """Regression: the tokenizer drew a published 40-60% mask itself once the annealed ratio was 0."""
+    setup = make_setup("maetok")
+    setup.task.masks = MaskSchedule(0.4, 0.6, schedule="anneal", start=0.6, steps=2)
+    out = _run_step(setup, 3)
+    call = setup.recorder.calls[-1]
+    assert float(out["mask_ratio"]) == 0.0 and call.mask is None
+    with torch.no_grad():
+        assert torch.equal(call.out.rec, setup.model.tokenizer.eval()(call.images))
 
 
 @pytest.mark.parametrize("kind", ["maetok", "softvq"])

@@ -17,15 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from scipy.stats import norm
+from scipy.stats import kstest, norm, truncnorm
 
 from ctok.cli import main
 from ctok.losses import hinge_discriminator_loss
 from ctok.models.tokenizer import Tokenizer, config_from_dict
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.config import load_config, packaged_config_names
-from ctok.training.tokenizer import (DiscriminatorObjective, MaskSchedule, TokenizerTrainConfig,
-                                     TokenizerTrainingModel, init_linear_xavier, random_patch_mask, tokenizer_config)
+from ctok.training.masking import MaskSchedule, random_patch_mask
+from ctok.training.tokenizer import DiscriminatorObjective, TokenizerTrainingModel
+from ctok.training.tokenizer_config import TokenizerTrainConfig, tokenizer_config
+from ctok.training.tokenizer_setup import init_linear_xavier
 
 RECIPES = [n for n in packaged_config_names() if n.startswith(("softvq-", "maetok-"))]
 
@@ -106,6 +108,18 @@ def test_published_mask_ratios_stay_in_bounds_with_the_published_mean():
     assert mean == pytest.approx(0.5052, abs=1e-4)
     # The mode is the upper bound: the upper half of the range is the likelier.
     assert (ratios > 0.5).float().mean() > 0.5
+
+
+def test_drawn_mask_ratios_follow_the_published_distribution():
+    """The ratios a run draws, one per step from a generator seeded by (seed, step)."""
+    schedule = MaskSchedule(0.4, 0.6)
+    ratios = [schedule.step_ratio(7, step) for step in range(4000)]
+    assert 0.4 <= min(ratios) and max(ratios) <= 0.6
+    published = truncnorm((0.4 - 0.6) / 0.25, 0.0, loc=0.6, scale=0.25)
+    assert abs(sum(ratios) / len(ratios) - published.mean()) < 0.003
+    assert kstest(ratios, published.cdf).statistic < 1.63 / math.sqrt(len(ratios))  # not rejected at 1%
+    # A pure function of (seed, step): every process, and a resumed run, draws the same ratio.
+    assert schedule.step_ratio(7, 123) == ratios[123] and schedule.step_ratio(8, 123) != ratios[123]
 
 
 def test_annealed_mask_ratio():

@@ -5,6 +5,7 @@
 
 SoftVQ-VAE soft-quantizes z over grouped codebooks; MAETok uses no quantizer and trains its
 encoder with mask modelling (a share of patches replaced by a mask token) and a MoVQ decoder.
+The network only applies a mask it is given; which patches to mask is the trainer's choice.
 
 The configuration is the flat field list the released ``config.json`` files carry (see
 :class:`TokenizerConfig`); fields that only mattered to the original training script are kept
@@ -21,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from scipy.stats import truncnorm
 
 from ctok.models.quantizers import SoftVectorQuantizer
 from ctok.models.vit import ViTDecoder, ViTEncoder, parse_vit_name
@@ -99,11 +99,10 @@ def config_from_dict(config: dict) -> tuple[str, TokenizerConfig]:
 
 @dataclass
 class TrainingOutput:
-    """What one training forward pass gives the losses."""
+    """What one training forward pass gives the losses, for either kind."""
 
     rec: torch.Tensor  # reconstruction (B, 3, H, W)
     z: torch.Tensor  # latents the decoder saw (B, N, D)
-    mask: torch.Tensor | None  # (B, num_patches), True = masked patch; None without masking
     entropy_loss: torch.Tensor  # SoftVQ's weighted entropy loss (0 for MAETok)
     codebook_usage: float  # SoftVQ: share of codes used recently (0 for MAETok)
 
@@ -146,10 +145,6 @@ class Tokenizer(nn.Module):
             class_token=c.dec_cls_token, use_ape=not c.use_rope, rope_theta=rope_theta,
             base_image_size=c.base_image_size, drop_path_rate=c.dec_drop_path_rate,
         )
-        if c.enc_token_drop > 0:
-            lo, hi = c.enc_token_drop, c.enc_token_drop_max
-            # One ratio per step, truncated normal on [lo, hi] peaked at hi (scale 0.25), as published.
-            self._mask_ratio_dist = truncnorm((lo - hi) / 0.25, 0.0, loc=hi, scale=0.25)
 
     # -- shapes --------------------------------------------------------------------------------
     @property
@@ -200,36 +195,24 @@ class Tokenizer(nn.Module):
     # -- training API --------------------------------------------------------------------------
     @property
     def masks_tokens(self) -> bool:
+        """Whether the encoder has a mask token (MAETok: ``enc_token_drop > 0``)."""
         return self.encoder.mask_token is not None
 
-    def sample_mask_ratio(self) -> float:
-        """A mask ratio from the published distribution, drawn through torch's RNG (so resumable)."""
-        u = float(torch.rand(()))
-        return float(self._mask_ratio_dist.ppf(u))
+    def training_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> TrainingOutput:
+        """Encode with ``mask`` applied, then decode: the pass the training losses are taken on.
 
-    def random_mask(self, batch: int, ratio: float, device) -> torch.Tensor:
-        """(batch, num_patches) bool, each row masking round(ratio * num_patches) random patches."""
-        n = self.num_patches
-        k = int(round(ratio * n))
-        order = torch.rand(batch, n, device=device).argsort(dim=1)
-        return order < k if k else torch.zeros(batch, n, dtype=torch.bool, device=device)
-
-    def training_forward(self, x: torch.Tensor, mask_ratio: float | None = None,
-                         mask: torch.Tensor | None = None) -> TrainingOutput:
-        """Encode (with mask modelling when enabled and in train mode) and decode.
-
-        ``mask_ratio`` None draws it from the published distribution; a number fixes it (the
-        decoder fine-tuning stage anneals it to 0). ``mask`` (B, num_patches) bool, True = masked,
-        is used as given: the trainer draws it per sample so that it does not depend on how the
-        batch is split over processes.
+        ``mask`` (B, num_patches) bool, True = that patch is replaced by the mask token; None masks
+        nothing, in train mode as in eval mode. The network never draws a mask: the trainer
+        (:mod:`ctok.training.masking`) does, from its own per-step and per-sample generators, so
+        that masking resumes exactly and does not depend on how the batch is split over processes.
         """
-        if mask is None and self.masks_tokens and self.training:
-            ratio = self.sample_mask_ratio() if mask_ratio is None else mask_ratio
-            if ratio > 0:
-                mask = self.random_mask(x.shape[0], ratio, x.device)
+        if mask is not None:
+            check_tensor("mask", mask, (x.shape[0], self.num_patches))
+            if mask.dtype != torch.bool:
+                raise ValueError(f"mask must be a bool tensor (True = masked patch), got dtype {mask.dtype}")
         z, ent, usage = self._encode(x, mask)
         rec = self.decoder(self.post_quant_conv(z), z)
-        return TrainingOutput(rec, z, mask, ent, usage)
+        return TrainingOutput(rec, z, ent, usage)
 
     @property
     def last_layer(self) -> torch.Tensor:
