@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench clean fashion-mnist mutation
 
 $(BIN)/ctok: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,20 +11,23 @@ $(BIN)/ctok: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# Debian's Fashion-MNIST package where the machine allows it (root with apt-get); elsewhere the demo
-# says where else it looks ($$CTOK_FASHION_MNIST, --data, a torchvision download when online).
+# Debian's Fashion-MNIST package where the machine allows it (root with apt-get), and nothing
+# otherwise: the demo then says where else it looks ($$CTOK_FASHION_MNIST, --data, a torchvision
+# download when online), and the tests that need the real data skip with that message.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-demo: $(BIN)/ctok
+fashion-mnist:
 	@if [ ! -d $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) || true; \
 	fi
+
+demo: $(BIN)/ctok fashion-mnist
 	$(BIN)/ctok demo --out demo-out
 
-test: $(BIN)/ctok
+test: $(BIN)/ctok fashion-mnist
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-test-fast: $(BIN)/ctok
+test-fast: $(BIN)/ctok fashion-mnist
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow'
 
 bench: $(BIN)/ctok
@@ -32,3 +35,17 @@ bench: $(BIN)/ctok
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
+
+# Mutation testing of the core modules against their fast tests; scope and settings are
+# [tool.mutmut] in pyproject.toml, the last scores docs/testing.md. 30-40 minutes on 2 cores.
+# Torch single-threaded in MUTATION_JOBS forked workers (OpenMP after fork can hang). Each run
+# starts from an empty mutants/: mutmut would keep an old survivor's verdict after tests change.
+MUTMUT := mutmut==3.8.1
+MUTATION_JOBS ?= 2
+
+mutation: $(BIN)/ctok
+	$(BIN)/pip install --quiet $(MUTMUT)
+	rm -rf mutants
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/scripts \
+		$(BIN)/mutmut run --max-children $(MUTATION_JOBS)
+	$(BIN)/python scripts/mutation_report.py

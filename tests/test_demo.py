@@ -1,26 +1,22 @@
-"""`ctok demo --quick`: every output exists and decodes, the metrics are finite, a rerun resumes."""
+"""`ctok demo`: every output exists and decodes, the figures stand in the right relation to their
+baselines, a rerun resumes; and the committed figures of a real run meet the README's targets."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import ctok
+from conftest import REPO
 from ctok.cli import main
-from ctok.data.fashion_mnist import find_fashion_mnist
-
-
-def _fashion_mnist_or_skip():
-    try:
-        return find_fashion_mnist(download=False)
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+from ctok.demo.pipeline import QUICK
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path, capsys):
-    data = _fashion_mnist_or_skip()
+def test_quick_demo_end_to_end(synthetic_fashion_mnist, tmp_path, capsys):
+    data = synthetic_fashion_mnist
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--data", str(data)]) == 0
 
@@ -38,7 +34,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert page.count("data:image/png;base64,") == 3 and "Generation FID" in page
 
     samples = np.load(out / "samples" / "samples.npz")["arr_0"]
-    assert samples.shape == (100, 32, 32, 3) and samples.dtype == np.uint8
+    assert samples.shape == (QUICK.num_images, 32, 32, 3) and samples.dtype == np.uint8
+    # The reference is the first test images: all 300 of the drawn set, fewer than the settings ask.
+    reference = np.load(out / "data" / "test_reference.npz")["arr_0"]
+    assert reference.shape == (min(QUICK.reference_images, 300), 32, 32, 3)
+    # The page shows the figures of metrics.json.
+    assert f">{metrics['gfid']:.4g}<" in page and f">{metrics['test_psnr_db']:.4g}<" in page
     tok = ctok.load_tokenizer(out / "tokenizer")
     sit = ctok.load_sit(out / "generator")
     assert (sit.num_tokens, sit.in_channels) == (tok.num_tokens, tok.latent_dim)
@@ -51,9 +52,34 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
 
 def test_demo_refuses_other_settings_in_the_same_folder(tmp_path, capsys):
-    _fashion_mnist_or_skip()
     out = tmp_path / "demo"
     out.mkdir()
     (out / "settings.json").write_text(json.dumps({"tokenizer_steps": 1}))
     assert main(["demo", "--quick", "--out", str(out)]) == 2
     assert "holds a demo run with other settings" in capsys.readouterr().err
+
+
+def test_the_committed_real_run_meets_the_targets_the_readme_states():
+    """docs/demo/metrics.json is the real default run the README reports: its figures meet the
+    targets, beat their baselines, and are the ones the README's table prints."""
+    metrics = json.loads((REPO / "docs" / "demo" / "metrics.json").read_text())
+    assert metrics["test_psnr_db"] >= 22
+    assert metrics["class_accuracy"] >= 0.75
+    # "Clearly below" the FID of a generator that learned nothing; guidance helps both figures.
+    assert metrics["gfid"] < 0.25 * metrics["random_latent_fid"]
+    assert metrics["gfid"] < metrics["gfid_no_guidance"] < metrics["random_latent_fid"]
+    assert metrics["class_accuracy"] > metrics["class_accuracy_no_guidance"] > 0.1  # 0.1: chance
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| reconstruction PSNR"):]
+    printed = {
+        "test_psnr_db": f"{metrics['test_psnr_db']:.2f} dB",
+        "test_ssim": f"{metrics['test_ssim']:.3f}",
+        "rfid": f"{metrics['rfid']:.2f}",
+        "gfid": f"{metrics['gfid']:.2f}",
+        "gfid_no_guidance": f"({metrics['gfid_no_guidance']:.2f})",
+        "random_latent_fid": f"{metrics['random_latent_fid']:.2f}",
+        "class_accuracy": f"{100 * metrics['class_accuracy']:.1f}%",
+        "class_accuracy_no_guidance": f"({100 * metrics['class_accuracy_no_guidance']:.1f}%)",
+    }
+    for key, text in printed.items():
+        assert re.search(re.escape(text), table[:1500]), f"README's demo table does not show {key} = {text}"
