@@ -1,11 +1,16 @@
-"""Files that appear whole or not at all: write to a temporary file beside the target, then rename.
+"""Writing files, and fingerprinting them: the one home of every file-writing helper in ctok.
 
-A process killed mid-write (kill -9, a full disk, a pre-empted node) leaves the previous version
-or nothing, never a truncated checkpoint, metrics file or image that a later run would trust.
+Every file appears whole or not at all: it is written to a temporary file beside the target, then
+renamed. A process killed mid-write (kill -9, a full disk, a pre-empted node) leaves the previous
+version or nothing, never a truncated checkpoint, metrics file or image that a later run would trust.
+JSON, PNG files and image grids are written through :func:`atomic_write`; :func:`file_sha256` and
+:func:`weights_sha256` fingerprint what was written.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -39,3 +44,55 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_json(path: str | Path, data, *, indent: int | None = 2, sort_keys: bool = False) -> None:
+    """Write ``data`` as JSON with a final newline; the file appears whole or not at all."""
+    with atomic_write(path, "w") as f:
+        json.dump(data, f, indent=indent, sort_keys=sort_keys)
+        f.write("\n")
+
+
+def save_png(path: str | Path, image, *, scale: int = 1) -> None:
+    """Write a uint8 (H, W, 3) array as a PNG (atomically), enlarged ``scale`` times without smoothing."""
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    if scale != 1:
+        # Nearest-neighbour keeps every pixel a sharp block, so small images stay legible in a report.
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    with atomic_write(path) as f:
+        picture.save(f, format="PNG")
+
+
+def save_image_grid(path: str | Path, images, *, nrow: int, padding: int = 2, pad_value: int = 0) -> None:
+    """Write uint8 images (B, 3, H, W) as one PNG grid of ``nrow`` per row (torchvision's layout), atomically."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.cpu(), nrow=nrow, padding=padding, pad_value=pad_value)
+    save_png(path, grid.permute(1, 2, 0).numpy())
+
+
+def _hash_into(digest, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of one file, read in chunks so that multi-gigabyte weights never sit in memory."""
+    digest = hashlib.sha256()
+    _hash_into(digest, Path(path))
+    return digest.hexdigest()
+
+
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """One SHA-256 over a checkpoint folder's weight files (name, then content, in name order).
+
+    Names are part of the digest so that renaming or swapping two files changes it too.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")):
+        digest.update(path.name.encode())
+        _hash_into(digest, path)
+    return digest.hexdigest()

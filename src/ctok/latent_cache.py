@@ -29,31 +29,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ctok.atomic_files import atomic_write
+from ctok.atomic_files import atomic_write, write_json
+from ctok.settings_check import changed_keys
 from ctok.training.distributed import DistContext, barrier
 
 FORMAT = "ctok-latent-cache"
 VERSION = 1
 INDEX_NAME = "index.json"
-
-
-def open_image_dataset(path: str | Path, image_size: int) -> Dataset:
-    """The images under ``path`` as (image in [-1, 1] (3, S, S), label) pairs.
-
-    A folder with Fashion-MNIST's IDX files gives its training split (32 px); any other folder is
-    read as an image folder (ImageNet class sub-folders, or flat) with ADM's centre crop.
-    """
-    from ctok.data import fashion_mnist
-    from ctok.data.images import ImageFolder
-
-    try:
-        folder = fashion_mnist.find_fashion_mnist(path, download=False)
-    except FileNotFoundError:
-        return ImageFolder(path, image_size, crop="center")
-    if image_size != fashion_mnist.IMAGE_SIZE:
-        raise ValueError(f"Fashion-MNIST images are {fashion_mnist.IMAGE_SIZE} px but the tokenizer takes "
-                         f"{image_size} px images")
-    return fashion_mnist.FashionMNIST("train", folder, download=False)
 
 
 class LatentStatistics:
@@ -157,7 +139,7 @@ def _shard_complete(out: Path, index: int, settings: dict) -> bool:
         return False
     meta = json.loads(meta_path.read_text())
     if meta["settings"] != settings:
-        changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
+        changed = changed_keys(meta["settings"], settings)
         raise ValueError(f"{out} holds shards of another build (different {', '.join(changed)}); "
                          "finish it with the same settings or choose another --out")
     return True
@@ -172,8 +154,7 @@ def _write_shard(out: Path, index: int, latents: np.ndarray, labels: np.ndarray,
         np.save(f, labels)
     meta = {"count": int(labels.shape[0]), "settings": settings, "sums": stats.sums(), "skipped": skipped,
             "label_min": int(labels.min()) if labels.size else 0, "label_max": int(labels.max()) if labels.size else -1}
-    with atomic_write(out / f"{name}.json", "w") as f:
-        json.dump(meta, f)
+    write_json(out / f"{name}.json", meta, indent=None)
 
 
 def _write_index(out: Path, num_shards: int, settings: dict, tokenizer, tokenizer_source: str) -> Path:
@@ -204,8 +185,7 @@ def _write_index(out: Path, num_shards: int, settings: dict, tokenizer, tokenize
         "skipped": skipped,
     }
     path = out / INDEX_NAME
-    with atomic_write(path, "w") as f:
-        json.dump(index, f, indent=1)
+    write_json(path, index, indent=1)
     return path
 
 

@@ -21,8 +21,9 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
+    from ctok.data import open_images
     from ctok.hub import load_tokenizer
-    from ctok.latent_cache import build_latent_cache, open_image_dataset
+    from ctok.latent_cache import build_latent_cache
     from ctok.training.distributed import init_distributed, shutdown_distributed
 
     for name in ("batch_size", "shard_size"):
@@ -31,7 +32,7 @@ def run(args) -> int:
     # A local folder is recorded by its absolute path, so the cache finds it from any working directory.
     source = str(Path(args.tokenizer).resolve()) if Path(args.tokenizer).is_dir() else args.tokenizer
     tokenizer = load_tokenizer(source)
-    dataset = open_image_dataset(args.data, tokenizer.image_size)
+    dataset = open_images(args.data, tokenizer.image_size)
     ctx = init_distributed(args.device)
     try:
         index = build_latent_cache(tokenizer, dataset, args.out, tokenizer_source=source, ctx=ctx,

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 from pathlib import Path
 
 HELP = "FID, sFID, IS, precision and recall of samples (.npz or folder) against a reference (ADM evaluator)"
@@ -31,31 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the reference's cached statistics")
 
 
-def load_feature_network(spec: str | None, inception_weights: str | None, device):
-    """The feature network named on the command line: a MODULE:FACTORY, or Inception."""
-    if spec is None:
-        from ctok.metrics.inception import load_inception
-
-        return load_inception(inception_weights, device=device)
-    module_name, sep, factory_name = spec.partition(":")
-    if not sep or not module_name or not factory_name:
-        raise ValueError(f"--feature-network must look like MODULE:FACTORY, got {spec!r}")
-    try:
-        factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"--feature-network {spec}: {err}") from None
-    return factory().to(device).eval()
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON; the file appears whole or not at all."""
-    from ctok.atomic_files import atomic_write
-
-    with atomic_write(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-
-
 def format_results(results: dict, names: dict[str, str]) -> str:
     lines = []
     for key, label in names.items():
@@ -66,7 +39,9 @@ def format_results(results: dict, names: dict[str, str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctok.atomic_files import write_json
     from ctok.metrics.evaluator import evaluate, pick_device
+    from ctok.metrics.features import load_feature_network
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")

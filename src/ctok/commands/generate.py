@@ -20,6 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
+# At module level (stdlib-only, cheap to import) so that tests can intercept the writes.
+from ctok.atomic_files import save_image_grid, save_png, weights_sha256
+
 HELP = "sample images from a SiT/DiT + tokenizer: PNGs, a grid and samples.npz for the ADM evaluator; torchrun-aware"
 
 SETTINGS_NAME = "generate.json"
@@ -71,6 +74,7 @@ def generate(args: argparse.Namespace, ctx) -> None:
     from ctok.hub import resolve
     from ctok.pipeline import load_pipeline
     from ctok.sampling.noise import image_generators
+    from ctok.settings_check import check_same_settings
     from ctok.training.distributed import barrier
 
     if ctx.device.type == "cuda":
@@ -84,13 +88,14 @@ def generate(args: argparse.Namespace, ctx) -> None:
     # Through JSON once, so that it compares equal to the copy a resumed run reads back.
     settings = json.loads(json.dumps({
         "tokenizer": str(args.tokenizer), "tokenizer_identity": pipe.tokenizer.identity(),
-        "model": str(args.model), "model_kind": pipe.kind, "model_sha256": file_sha256(folder),
+        "model": str(args.model), "model_kind": pipe.kind, "model_sha256": weights_sha256(folder),
         "num_images": args.num_images, "batch_size": args.batch_size, "seed": args.seed,
         "labels": args.labels, **pipe.sampler_arguments(**sampling),
     }))
 
     out, images_dir = args.out, args.out / IMAGES_DIR
-    check_settings(out, settings)
+    # Every process checks; only the first writes the stamp, which a rerun compares against.
+    check_same_settings(out / SETTINGS_NAME, settings, f"{out} holds images made", write=ctx.is_main)
     if ctx.is_main:
         for stale in images_dir.glob(".*.tmp"):  # left by a process killed while writing
             stale.unlink()
@@ -99,8 +104,6 @@ def generate(args: argparse.Namespace, ctx) -> None:
     todo = [b for b in batches if not all(image_path(images_dir, i).is_file() for i in b)]
     # Every process must have seen the same finished images before any writes a new one.
     barrier()
-    if ctx.is_main:
-        write_json(out / SETTINGS_NAME, settings)
     mine = todo[ctx.rank::ctx.world_size]
 
     bar = tqdm(total=sum(len(b) for b in mine), unit="img", desc="generating", disable=not ctx.is_main)
@@ -136,47 +139,6 @@ def image_path(images_dir: Path, index: int) -> Path:
     return images_dir / f"{index:06d}.png"
 
 
-def file_sha256(folder: Path) -> str:
-    """SHA-256 of the checkpoint's weight files, so that a resumed run cannot mix two checkpoints."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
-        digest.update(path.name.encode())
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_settings(out: Path, settings: dict) -> None:
-    path = out / SETTINGS_NAME
-    if not path.is_file():
-        return
-    previous = json.loads(path.read_text())
-    changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-        raise ValueError(f"{out} holds images made with other settings ({details}); "
-                         "pass a new --out, or delete that folder to start over")
-
-
-def save_png(path: Path, image) -> None:
-    from PIL import Image
-
-    from ctok.atomic_files import atomic_write
-
-    with atomic_write(path) as f:
-        Image.fromarray(image).save(f, format="PNG")
-
-
-def write_json(path: Path, data: dict) -> None:
-    from ctok.atomic_files import atomic_write
-
-    with atomic_write(path, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-
-
 def load_png(path: Path):
     import numpy as np
     from PIL import Image
@@ -188,10 +150,8 @@ def load_png(path: Path):
 def write_outputs(out: Path, num_images: int) -> None:
     """samples.npz from the PNGs in index order (streamed, never all in memory) and the grid."""
     import torch
-    from torchvision.utils import make_grid
 
     from ctok.metrics.sample_npz import write_npz_images
-    from ctok.atomic_files import atomic_write
 
     paths = [image_path(out / IMAGES_DIR, i) for i in range(num_images)]
     missing = [p.name for p in paths if not p.is_file()]
@@ -200,9 +160,5 @@ def write_outputs(out: Path, num_images: int) -> None:
                                 "rerun the same command to make them")
     write_npz_images(out / SAMPLES_NAME, (load_png(p)[None] for p in paths), num_images)
     first = torch.stack([torch.from_numpy(load_png(p)).permute(2, 0, 1) for p in paths[:GRID_IMAGES]])
-    grid = make_grid(first, nrow=8, padding=2).permute(1, 2, 0).numpy()
-    from PIL import Image
-
-    with atomic_write(out / GRID_NAME) as f:
-        Image.fromarray(grid).save(f, format="PNG")
+    save_image_grid(out / GRID_NAME, first, nrow=8)
     print(f"wrote {num_images} images to {out / IMAGES_DIR}, {out / SAMPLES_NAME} and {out / GRID_NAME}")

@@ -57,27 +57,21 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed()
 
 
-def _to_uint8(images):
-    """[-1, 1] float images -> uint8, rounding to the nearest level (as an image file stores them)."""
-    import torch
-
-    return ((images.float() + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-
-
 def reconstruct(args: argparse.Namespace, ctx) -> int:
     import numpy as np
     import torch
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    from ctok.commands.evaluate import load_feature_network, write_json
+    from ctok.atomic_files import save_image_grid, write_json
     from ctok.data.images import ImageFolder
     from ctok.hub import load_tokenizer
-    from ctok.metrics.features import network_features, network_identity, to_network_input
+    from ctok.metrics.features import load_feature_network, network_features, network_identity, to_network_input
     from ctok.metrics.image_quality import psnr, ssim
     from ctok.metrics.inception import PUBLISHED_IDENTITY
     from ctok.metrics.lpips import load_lpips_vgg, lpips
     from ctok.training.distributed import barrier, gather_objects
+    from ctok.uint8 import to_uint8_round
 
     tokenizer = load_tokenizer(args.tokenizer, device=ctx.device)
     size = tokenizer.image_size
@@ -111,8 +105,8 @@ def reconstruct(args: argparse.Namespace, ctx) -> int:
             if not len(batch.images):
                 continue
             x = batch.images.to(ctx.device)
-            real = _to_uint8(x)
-            fake = _to_uint8(tokenizer.decode(tokenizer.encode(x)))
+            real = to_uint8_round(x)
+            fake = to_uint8_round(tokenizer.decode(tokenizer.encode(x)))
             per_image["psnr"].append(psnr(fake, real).cpu())
             per_image["ssim"].append(ssim(fake, real).cpu())
             if lpips_net is not None:
@@ -143,7 +137,9 @@ def reconstruct(args: argparse.Namespace, ctx) -> int:
             "files": {"reconstructions": RECONSTRUCTIONS_NAME, "grid": GRID_NAME},
         })
         if grid:  # empty only when this process's slice held no readable image
-            _save_grid(out / GRID_NAME, grid[: args.grid_images])
+            pairs = grid[: args.grid_images]  # originals beside their reconstructions, up to 4 pairs per row
+            save_image_grid(out / GRID_NAME, torch.stack([t for pair in pairs for t in pair]),
+                            nrow=2 * min(4, len(pairs)), pad_value=255)
         write_json(out / METRICS_NAME, results)
         shown = {k: results[k] for k in ("rfid", "psnr", "ssim", "lpips")}
         print("  ".join(f"{k}: {v:.4f}" if v is not None else f"{k}: n/a" for k, v in shown.items()))
@@ -191,16 +187,3 @@ def _merge(out: Path, world_size: int) -> dict:
     shutil.rmtree(shards)
     return results
 
-
-def _save_grid(path: Path, pairs: list) -> None:
-    """Originals beside their reconstructions, up to 4 pairs per row, as one PNG (written atomically)."""
-    import torch
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from ctok.atomic_files import atomic_write
-
-    tiles = [t for pair in pairs for t in pair]
-    grid = make_grid(torch.stack(tiles), nrow=2 * min(4, len(pairs)), padding=2, pad_value=255)
-    with atomic_write(path, "wb") as f:
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG")

@@ -16,6 +16,7 @@ from ctok.data.images import (
     pil_to_tensor,
     random_crop_adm,
 )
+from ctok.data.sources import open_images
 
 __all__ = [
     "BrokenImage",
@@ -28,6 +29,7 @@ __all__ = [
     "find_fashion_mnist",
     "load_fashion_mnist",
     "load_fashion_mnist_raw",
+    "open_images",
     "pil_to_tensor",
     "random_crop_adm",
     "to_model_images",

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ctok.atomic_files import atomic_write
+from ctok.downloads import offline
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -141,7 +142,7 @@ def find_fashion_mnist(path: str | os.PathLike | None = None, *, download: bool 
         if not _missing_files(folder):
             return folder
     if download is None:
-        download = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "", "false", "no")
+        download = not offline()
     failure = "downloading is off (offline)"
     if download:
         try:

@@ -24,6 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ctok.atomic_files import save_png, write_json
+from ctok.settings_check import check_same_settings
+from ctok.uint8 import to_uint8_truncate
+
 
 @dataclass(frozen=True)
 class DemoSettings:
@@ -74,22 +78,11 @@ class Demo:
     # -- bookkeeping ---------------------------------------------------------------------------
     def record(self, **values) -> None:
         self.metrics.update(values)
-        tmp = self.metrics_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.metrics, indent=2) + "\n")
-        tmp.replace(self.metrics_path)
+        write_json(self.metrics_path, self.metrics)
 
     def check_settings(self) -> None:
         """A rerun in the same folder continues only with the settings it started with."""
-        stamp = self.out / "settings.json"
-        current = asdict(self.settings)
-        if stamp.exists():
-            previous = json.loads(stamp.read_text())
-            if previous != current:
-                changed = sorted(k for k in current if current[k] != previous.get(k))
-                raise ValueError(f"{self.out} holds a demo run with other settings ({', '.join(changed)}); "
-                                 "use another --out, or delete that folder to start over")
-        else:
-            stamp.write_text(json.dumps(current, indent=2) + "\n")
+        check_same_settings(self.out / "settings.json", asdict(self.settings), f"{self.out} holds a demo run")
 
     # -- stages --------------------------------------------------------------------------------
     def data(self) -> None:
@@ -131,7 +124,6 @@ class Demo:
         from ctok.metrics import psnr, ssim
         from ctok.metrics.evaluator import evaluate
         from ctok.metrics.sample_npz import NpzImages, write_npz_images
-        from ctok.pipeline import to_uint8
 
         say("Stage 3/8 reconstruct: the test images through the tokenizer (PSNR, SSIM, reconstruction FID)")
         if "test_psnr_db" in self.metrics:
@@ -143,7 +135,7 @@ class Demo:
         for batch in tqdm(originals.batches(250), total=-(-len(originals) // 250), desc="reconstruct"):
             x = _nchw(batch)
             with torch.no_grad():
-                rec = to_uint8(tok.decode(tok.encode(x.float() / 127.5 - 1)))
+                rec = to_uint8_truncate(tok.decode(tok.encode(x.float() / 127.5 - 1)))
             recs.append(rec)
             # On the uint8 images, as the reconstructions are saved and as peers report them.
             psnrs.append(psnr(_nchw(rec), x).numpy())
@@ -166,12 +158,12 @@ class Demo:
         """
         from ctok.metrics.evaluator import evaluate
         from ctok.metrics.sample_npz import write_npz_images
-        from ctok.pipeline import load_pipeline, to_uint8
+        from ctok.pipeline import load_pipeline
 
         pipe = load_pipeline(self.tokenizer_dir, self.generator_dir)
         g = torch.Generator().manual_seed(self.settings.seed)
         z = torch.randn(self.settings.num_images, pipe.tokenizer.num_tokens, pipe.tokenizer.latent_dim, generator=g)
-        images = to_uint8(pipe.decode(z))
+        images = to_uint8_truncate(pipe.decode(z))
         path = self.out / "reconstruct" / "random_latents.npz"
         write_npz_images(path, [images], len(images))
         self.record(random_latent_fid=evaluate(path, self.reference, self.classifier, progress=False,
@@ -245,33 +237,31 @@ def _nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # a copy: npz batches are read-only
 
 
-def _save_pairs(originals: np.ndarray, recs: np.ndarray, path: Path) -> None:
-    from PIL import Image
+def _tile(images: np.ndarray, cells: list[tuple[int, int]], rows: int, cols: int) -> np.ndarray:
+    """uint8 images (N, H, W, 3) on a white canvas of rows x cols cells, image k in cell ``cells[k]``.
 
-    pairs = np.stack([originals, recs], axis=1).reshape(-1, *originals.shape[1:])  # o1 r1 o2 r2 ...
-    n, h, w, _ = pairs.shape
-    cols = 8
-    rows = -(-n // cols)
+    Each cell is followed by a 2 px white gap, so that neighbouring dark images stay apart.
+    """
+    _, h, w, _ = images.shape
     canvas = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
-    for i, image in enumerate(pairs):
-        r, c = divmod(i, cols)
+    for image, (r, c) in zip(images, cells):
         canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = image
-    Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(path)
+    return canvas
+
+
+def _save_pairs(originals: np.ndarray, recs: np.ndarray, path: Path) -> None:
+    """Each original followed by its reconstruction, 8 images per row, enlarged 3 times."""
+    pairs = np.stack([originals, recs], axis=1).reshape(-1, *originals.shape[1:])  # o1 r1 o2 r2 ...
+    cols = 8
+    save_png(path, _tile(pairs, [divmod(i, cols) for i in range(len(pairs))], -(-len(pairs) // cols), cols), scale=3)
 
 
 def _class_rows(npz: Path, path: Path, per_class: int) -> None:
     """A grid with one row per class from class-balanced samples (image i has class i mod 10)."""
-    from PIL import Image
-
     from ctok.metrics.sample_npz import NpzImages
 
     images = next(NpzImages(npz).batches(10 * per_class))
-    n, h, w, _ = images.shape
-    canvas = np.full((10 * (h + 2), per_class * (w + 2), 3), 255, np.uint8)
-    for i, image in enumerate(images):
-        cls, col = i % 10, i // 10
-        canvas[cls * (h + 2):cls * (h + 2) + h, col * (w + 2):col * (w + 2) + w] = image
-    Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(path)
+    save_png(path, _tile(images, [(i % 10, i // 10) for i in range(len(images))], 10, per_class), scale=3)
 
 
 def run_demo(out: str | Path, data: str | None = None, quick: bool = False) -> Path:

@@ -9,6 +9,8 @@ import html
 import json
 from pathlib import Path
 
+from ctok.atomic_files import atomic_write
+
 # What each reported metric means, shown next to its value.
 METRIC_MEANINGS = {
     "test_psnr_db": ("Reconstruction PSNR (test split)", "dB; higher is better. 10 log10(4 / MSE) on [-1, 1] images."),
@@ -50,7 +52,8 @@ def plot_losses(logs: dict[str, Path], out: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with atomic_write(out) as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return out
 
@@ -108,7 +111,6 @@ network (Inception features are meaningless on 32 x 32 grey clothing).</p>
 </body></html>
 """
     path = out / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    with atomic_write(path, "w") as f:
+        f.write(page)
     return path

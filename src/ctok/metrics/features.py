@@ -8,6 +8,7 @@ is one; any other (e.g. a classifier trained on the data's own domain) can repla
 """
 from __future__ import annotations
 
+import importlib
 from typing import Iterable
 
 import numpy as np
@@ -15,6 +16,22 @@ import torch
 from tqdm.auto import tqdm
 
 FEATURE_KEYS = ("pool", "spatial", "logits")
+
+
+def load_feature_network(spec: str | None, inception_weights: str | None, device) -> torch.nn.Module:
+    """The feature network a command names: ``MODULE:FACTORY`` (``FACTORY()`` builds it), or Inception when None."""
+    if spec is None:
+        from ctok.metrics.inception import load_inception
+
+        return load_inception(inception_weights, device=device)
+    module_name, sep, factory_name = spec.partition(":")
+    if not sep or not module_name or not factory_name:
+        raise ValueError(f"--feature-network must look like MODULE:FACTORY, got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"--feature-network {spec}: {err}") from None
+    return factory().to(device).eval()
 
 
 def network_identity(network: torch.nn.Module) -> str:

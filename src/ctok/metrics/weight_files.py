@@ -13,13 +13,15 @@ When none of these works, the error names the file, its URL and the places it ma
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ctok.atomic_files import file_sha256
+from ctok.downloads import torch_cache_file, torch_cache_path
 
 
 @dataclass(frozen=True)
@@ -31,14 +33,6 @@ class WeightFile:
     url: str
     sha256: str
     env_var: str
-
-
-def cache_path(spec: WeightFile) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / spec.filename
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 def resolve_weight_file(spec: WeightFile, explicit: str | os.PathLike | None = None) -> Path:
@@ -54,32 +48,14 @@ def resolve_weight_file(spec: WeightFile, explicit: str | os.PathLike | None = N
         if not path.is_file():
             raise FileNotFoundError(f"{spec.what} weights: {spec.env_var}={from_env} names no file")
         return path
-    cached = cache_path(spec)
-    if cached.is_file():
-        return cached
-    advice = (
-        f"{spec.what} weights ({spec.filename}) are not on this machine. Download {spec.url} "
-        f"and put it at {cached}, or anywhere and point {spec.env_var} (or the command's weights "
-        f"option) at it"
-    )
-    if _offline():
-        raise FileNotFoundError(advice + " (not downloading: HF_HUB_OFFLINE is set)")
-    cached.parent.mkdir(parents=True, exist_ok=True)
     try:
-        # download_url_to_file writes to a temporary file and moves it into place, and refuses a
-        # file whose hash does not start with the prefix.
-        torch.hub.download_url_to_file(spec.url, str(cached), hash_prefix=spec.sha256, progress=True)
-    except Exception as err:  # no network, proxy, HTTP error: all need the same advice
-        raise FileNotFoundError(f"{advice} (download failed: {type(err).__name__}: {err})") from None
-    return cached
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return torch_cache_file(spec.filename, spec.url, spec.sha256)
+    except FileNotFoundError as reason:
+        raise FileNotFoundError(
+            f"{spec.what} weights ({spec.filename}) are not on this machine. Download {spec.url} "
+            f"and put it at {torch_cache_path(spec.filename)}, or anywhere and point {spec.env_var} (or the command's weights "
+            f"option) at it ({reason})"
+        ) from None
 
 
 def load_state_dict(spec: WeightFile, path: Path) -> tuple[dict[str, torch.Tensor], str]:

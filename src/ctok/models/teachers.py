@@ -15,13 +15,14 @@ error that names every missing file, where to get it and which config key points
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
+
+from ctok.downloads import offline, torch_cache_file, torch_cache_path
 
 # The networks the published recipes use.
 DINOV2_TEACHER = "vit_large_patch14_dinov2.lvd142m"
@@ -47,10 +48,6 @@ class WeightsRequest:
 
 class MissingWeightsError(FileNotFoundError):
     """Pretrained weights that are neither local nor downloadable; the message lists each one."""
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def _override_hint(request: WeightsRequest) -> str:
@@ -85,7 +82,7 @@ def _locate_timm(request: WeightsRequest) -> Path:
     candidates = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
     for filename in candidates:
         try:
-            return Path(hf_hub_download(repo, filename, local_files_only=_offline()))
+            return Path(hf_hub_download(repo, filename, local_files_only=offline()))
         except Exception:  # noqa: BLE001 - offline, not cached, absent from the repo: try the next name
             continue
     raise MissingWeightsError(
@@ -96,20 +93,14 @@ def _locate_timm(request: WeightsRequest) -> Path:
 
 
 def _locate_torchvision_vgg16(request: WeightsRequest) -> Path:
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / _VGG16_URL.rsplit("/", 1)[1]
-    if cached.is_file():
-        return cached
-    if not _offline():
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(_VGG16_URL, str(cached), progress=False)
-            return cached
-        except Exception:  # noqa: BLE001 - no network: reported below with the file to fetch
-            pass
-    raise MissingWeightsError(
-        f"{request.role}: torchvision's VGG16 ImageNet weights are missing; download {_VGG16_URL} "
-        f"to {cached}{_override_hint(request)}",
-    )
+    filename = _VGG16_URL.rsplit("/", 1)[1]
+    try:
+        return torch_cache_file(filename, _VGG16_URL, progress=False)
+    except FileNotFoundError:  # offline or no network: reported below with the file to fetch
+        raise MissingWeightsError(
+            f"{request.role}: torchvision's VGG16 ImageNet weights are missing; download {_VGG16_URL} "
+            f"to {torch_cache_path(filename)}{_override_hint(request)}",
+        ) from None
 
 
 def locate_all(requests: list[WeightsRequest]) -> dict[str, Path]:

@@ -38,7 +38,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ctok.hub import load_tokenizer
-from ctok.latent_cache import LatentCache, LatentStatistics, open_image_dataset
+from ctok.data import open_images
+from ctok.latent_cache import LatentCache, LatentStatistics
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord, build_preset
 from ctok.sampling.flow import FlowPath, sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
@@ -336,7 +337,7 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
             raise ValueError(f"latent cache {cache.info.folder} was made by tokenizer {cache.info.tokenizer_identity} "
                              f"({cache.info.tokenizer_source}), not by {source} ({tokenizer.identity()})")
     else:
-        images = open_image_dataset(cfg.data.images, tokenizer.image_size)
+        images = open_images(cfg.data.images, tokenizer.image_size)
         labels = getattr(images, "labels", None)
         if labels is not None:
             check_labels_fit((int(min(labels)), int(max(labels))), cfg.model.num_classes, f"data.images {cfg.data.images}")

@@ -50,14 +50,13 @@ from typing import Any, Iterable, Literal, Protocol
 
 import torch
 import torch.nn as nn
-from PIL import Image
 from timm.utils.model_ema import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from ctok.atomic_files import atomic_write
+from ctok.atomic_files import save_image_grid
+from ctok.settings_check import changed_keys, describe_changes
 from ctok.training.checkpoint import (capture_rng_state, list_checkpoints,
                                       load_checkpoint, remove_stale_temporaries, restore_rng_state,
                                       save_checkpoint)
@@ -66,6 +65,7 @@ from ctok.training.distributed import DistContext, barrier, gather_objects, mean
 from ctok.training.run_log import RunLog
 from ctok.training.schedule import lr_factor
 from ctok.training.sharding import BatchRandom, BatchSplit, GlobalBatchSampler
+from ctok.uint8 import to_uint8_round
 
 
 @dataclass
@@ -366,10 +366,9 @@ class Runner:
         if missing:
             raise ValueError(f"checkpoint {self._resume_from} has no state for modules {missing}")
         ours, theirs = _flatten(self.config), _flatten(state["config"])
-        changed = sorted(k for k in ours.keys() | theirs.keys()
-                         if k not in self.free_on_resume and ours.get(k) != theirs.get(k))
+        changed = changed_keys(theirs, ours, ignore=self.free_on_resume)
         if changed:
-            detail = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in changed)
+            detail = describe_changes(theirs, ours, changed)
             raise ValueError(f"cannot resume from {self._resume_from}: the config changed ({detail}); "
                              f"only {sorted(self.free_on_resume)} may change on resume")
 
@@ -394,18 +393,10 @@ class Runner:
             images = task.sample_images(step)
             if images is not None:
                 path = self.run_dir / "samples" / f"step-{step:08d}.png"
-                save_image_grid(images, path)
+                # Rounded to nearest, as an image file stores a float image; as many rows as columns.
+                save_image_grid(path, to_uint8_round(images.detach()), nrow=max(1, round(images.shape[0] ** 0.5)))
                 log.add_image_file(step, "samples", path)
         barrier()
-
-
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
-    """Write images in [-1, 1], shape (B, 3, H, W), as one PNG grid (atomically)."""
-    nrow = nrow or max(1, round(images.shape[0] ** 0.5))
-    grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1))
-    array = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    with atomic_write(path) as f:
-        Image.fromarray(array).save(f, format="PNG")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ctok.data import open_images
 from ctok.features.hog import hog_patch_targets
 from ctok.losses.adversarial import LeCAM, adaptive_generator_weight, gan_losses, gan_weight_at
 from ctok.losses.alignment import alignment_loss
@@ -52,7 +53,7 @@ from ctok.training.runner import Runner
 from ctok.training.sharding import BatchRandom
 from ctok.training.tokenizer_config import TokenizerTrainConfig, check_options, tokenizer_config
 from ctok.training.tokenizer_setup import (build_discriminator, build_heads, build_teachers, build_tokenizer,
-                                          open_training_images, pretrained_requests, reference_images)
+                                          pretrained_requests, reference_images)
 
 
 # -- the trained modules ---------------------------------------------------------------------
@@ -228,7 +229,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                          "or flat) or a folder holding Fashion-MNIST's files")
     tok_config = tokenizer_config(cfg.model)
     check_options(cfg, config_from_dict(tok_config)[1])
-    dataset = open_training_images(cfg.data, config_from_dict(tok_config)[1].image_size)
+    dataset = open_images(cfg.data.images, config_from_dict(tok_config)[1].image_size, crop=cfg.data.crop)
     found = {} if cfg.random_init_pretrained else locate_all(pretrained_requests(cfg))
 
     ctx = init_distributed(cfg.run.device)

@@ -20,24 +20,7 @@ from ctok.models.discriminators import DinoDiscriminator, PatchGANDiscriminator
 from ctok.models.teachers import (VGG16, FrozenViTFeatures, WeightsRequest, create_vit, feature_teacher,
                                   load_pretrained_encoder)
 from ctok.models.tokenizer import Tokenizer, TokenizerConfig
-from ctok.training.tokenizer_config import DataSection, GANSection, TokenizerTrainConfig
-
-
-def open_training_images(data: DataSection, image_size: int) -> Dataset:
-    """Fashion-MNIST when ``data.images`` holds its files, else an image folder with ADM crops."""
-    from ctok.data import fashion_mnist
-    from ctok.data.images import ImageFolder
-
-    try:
-        folder = fashion_mnist.find_fashion_mnist(data.images, download=False)
-    except FileNotFoundError:
-        return ImageFolder(data.images, image_size, crop=data.crop)
-    if data.crop != "center":
-        raise ValueError("Fashion-MNIST images are used whole (padded to 32 px), not cropped: set data.crop=center")
-    if image_size != fashion_mnist.IMAGE_SIZE:
-        raise ValueError(f"Fashion-MNIST images are {fashion_mnist.IMAGE_SIZE} px but the tokenizer's image_size "
-                         f"is {image_size}: set model.image_size={fashion_mnist.IMAGE_SIZE}")
-    return fashion_mnist.FashionMNIST("train", folder, download=False)
+from ctok.training.tokenizer_config import GANSection, TokenizerTrainConfig
 
 
 def reference_images(dataset: Dataset, count: int) -> torch.Tensor:
