@@ -72,18 +72,21 @@ def test_offline_hub_id_says_what_to_download(monkeypatch, tmp_path):
     assert "huggingface-cli download MAETok/maetok-b-128" in msg and str(tmp_path) in msg
 
 
-def test_missing_folder_and_missing_weights(tmp_path):
+def test_missing_folder_and_missing_weights(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
         ctok.load_sit(tmp_path / "nope" / "deeper")
-    # A small SiT: loading builds the model before it looks for the weights, and "{}" is a SiT-XL.
-    (tmp_path / "config.json").write_text(json.dumps(dict(input_size=4, in_channels=4, hidden_size=8, depth=1,
-                                                          num_heads=2)))
+    # "{}" is a SiT-XL (675M parameters): the weights file is looked for before anything is built.
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(ctok.SiT, "from_config", lambda config: pytest.fail("built before the weights were found"))
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         ctok.load_sit(tmp_path)
 
 
 def test_wrong_kind_of_config_is_named(conformance_dir):
     with pytest.raises(ValueError, match="unknown sit config keys.*encoder_model"):
+        ctok.SiT.from_config(json.loads((conformance_dir / "softvq_small" / "config.json").read_text()))
+    with pytest.raises(ValueError, match="softvq_small is a tokenizer checkpoint, not a SiT; load it with "
+                                         r"ctok.load_tokenizer \(or Tokenizer.from_pretrained\)"):
         ctok.load_sit(conformance_dir / "softvq_small")
 
 
@@ -113,21 +116,9 @@ def _parameter_count(folder, kind: str) -> int:
 
 
 @pytest.fixture
-def run_inspect(monkeypatch, capsys):
-    """``run_inspect(folder, *flags)``: the command's stdout; each folder is loaded once, as building
-    the tokenizers' 43M random weights before loading is what takes the time."""
-    import ctok.hub
+def run_inspect(capsys):
+    """``run_inspect(folder, *flags)``: the command's stdout."""
     from ctok.cli import main
-
-    loaded = {}
-    real_load_any = ctok.hub.load_any
-
-    def load_once(src, device="cpu"):
-        if src not in loaded:
-            loaded[src] = real_load_any(src, device)
-        return loaded[src]
-
-    monkeypatch.setattr(ctok.hub, "load_any", load_once)
 
     def run(folder, *flags) -> str:
         assert main(["inspect", str(folder), *flags]) == 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ctok.models.diffusion_transformer import SIZES, SiT, build_preset as build_generator
-from ctok.models.tokenizer import PRESET_NAMES, Tokenizer, build_preset, preset_config
+from ctok.models.tokenizer import PRESET_NAMES, Tokenizer, build_tokenizer, preset_config
 from ctok.models.vit import MoVQBlock
 
 TINY_MAETOK = dict(tokenizer_kind="maetok", image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
@@ -47,7 +47,7 @@ def _count(model):
 def _meta_tokenizer(name: str) -> Tokenizer:
     # On the meta device: shapes without allocating (or initialising) up to 600M parameters.
     with torch.device("meta"):
-        return build_preset(name)
+        return build_tokenizer(name)
 
 
 def _vit_shape(vit) -> tuple[int, int, int]:

@@ -50,6 +50,7 @@ class GaussianDenoiser(torch.nn.Module):
         self.num_tokens, self.in_channels = means.shape[1:]
         self.anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
         self.seen: list[tuple[int, torch.Tensor]] = []
+        self.eval()  # the samplers refuse a model in train mode
 
     def forward(self, x, t, y):
         assert t.dtype == torch.long
@@ -174,6 +175,7 @@ class GuidedEveryForward(torch.nn.Module):
         self.model, self.scale = model, scale
         self.num_classes, self.has_null_class = model.num_classes, True
         self.num_tokens, self.in_channels = model.num_tokens, model.in_channels
+        self.eval()
 
     def forward(self, x, t, y):
         cond, uncond = self.model(x, t, y), self.model(x, t, torch.full_like(y, self.num_classes))

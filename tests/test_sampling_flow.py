@@ -36,6 +36,7 @@ class GaussianFlow(torch.nn.Module):
         self.config = SimpleNamespace(path_type=path_type)
         # Only its dtype matters: the sampler casts the model's inputs to it.
         self.anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.eval()  # the samplers refuse a model in train mode
 
     def forward(self, x, t, y):
         a, da, s, ds = path(t.double().view(-1, 1, 1), self.config.path_type)
@@ -280,6 +281,7 @@ class GuidedOnCalls(torch.nn.Module):
         self.num_classes, self.has_null_class = model.num_classes, True
         self.num_tokens, self.in_channels, self.config = model.num_tokens, model.in_channels, model.config
         self.calls = 0
+        self.eval()
 
     def forward(self, x, t, y):
         guide = self.guided[self.calls]

@@ -29,6 +29,7 @@ from ctok.validation import check_batch, check_labels, check_tensor
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``x * (1 + scale) + shift`` with one (shift, scale) per sample, broadcast over the tokens."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -57,11 +58,14 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
         half = frequency_size // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
         # Not saved: the released checkpoints do not carry it and it is a pure function of the size.
+        # Computed on the CPU even when the model is built on the meta device, as the hub loader
+        # builds it: no checkpoint can fill it in afterwards.
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device="cpu") / half)
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Times (B,) -> embeddings (B, hidden_size)."""
         args = t.float()[:, None] * self.freqs[None]
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
@@ -77,6 +81,7 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class ids (B,) -> embeddings; in train mode a share ``dropout_prob`` become the null class."""
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
@@ -84,6 +89,8 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention over all tokens, with optional LayerNorm on queries and keys."""
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
@@ -96,6 +103,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, C) -> (B, N, C)."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
@@ -114,12 +122,15 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, C) under the condition c (B, C) -> (B, N, C)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class FinalLayer(nn.Module):
+    """The conditioned norm and the linear map from the hidden width to the output channels."""
+
     def __init__(self, hidden_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -127,6 +138,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, C) under the condition c (B, C) -> (B, N, out_channels)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -242,7 +254,14 @@ class DiffusionTransformer(nn.Module):
 
     @property
     def has_null_class(self) -> bool:
+        """Whether class ``num_classes`` exists: the null class that classifier-free guidance uses."""
         return self.config.class_dropout_prob > 0
+
+    def extra_repr(self) -> str:
+        """The first line of the repr: shapes, classes, and whether it is in train or eval mode."""
+        mode = "train" if self.training else "eval"
+        null = " + the null class" if self.has_null_class else ""
+        return f"{self.num_tokens} tokens x {self.in_channels} channels, {self.num_classes} classes{null}, {mode} mode"
 
     def initialize_weights(self) -> None:
         """adaLN-Zero: every block starts as the identity and the output starts at zero."""
@@ -260,6 +279,7 @@ class DiffusionTransformer(nn.Module):
             nn.init.zeros_(p)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        """Raise ValueError unless x (B, N, D), t (B,) and the labels y (B,) fit this model."""
         if torch.compiler.is_compiling():  # checked once outside the graph; inside it they only break it
             return
         # The finite check costs a device sync: inference gets it, training steps (which watch
@@ -270,6 +290,7 @@ class DiffusionTransformer(nn.Module):
         check_labels("y", y, x.shape[0], self.y_embedder.embedding_table.num_embeddings)
 
     def backbone(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The network's output for checked inputs: (B, N, out_channels)."""
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
@@ -296,6 +317,13 @@ class DiffusionTransformer(nn.Module):
         model.extra_config = {k: v for k, v in config.items() if k not in known}
         return model
 
+    @classmethod
+    def from_pretrained(cls, src, device: str | torch.device = "cpu") -> "DiffusionTransformer":
+        """A checkpoint folder or hub id, loaded in eval mode: the same as ``ctok.load_sit`` / ``ctok.load_dit``."""
+        from ctok.hub import load_pretrained  # the hub module imports this one
+
+        return load_pretrained(cls, src, device)
+
     def to_config(self) -> dict:
         """The config.json written next to the weights: the original constructor's arguments."""
         out = dict(getattr(self, "extra_config", {}))
@@ -304,9 +332,11 @@ class DiffusionTransformer(nn.Module):
         return {k: v for k, v in out.items() if not (k in _RECORDED_KEYS and v is None)}
 
     def num_parameters(self) -> int:
+        """How many numbers the parameters hold (buffers not counted)."""
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, folder):
+        """Write ``config.json`` and ``model.safetensors`` to ``folder`` (see ``ctok.hub.save_pretrained``)."""
         from ctok.hub import save_pretrained
 
         return save_pretrained(self, folder)
@@ -314,11 +344,17 @@ class DiffusionTransformer(nn.Module):
 
 @dataclass
 class SiTConfig(TransformerConfig):
+    """A SiT's config: the shared fields and the flow path it was trained on."""
+
     path_type: str = "linear"
 
 
 class SiT(DiffusionTransformer):
-    """Velocity model for flow matching: ``sit(x, t, y) -> v`` with x (B, N, D), t in [0, 1]."""
+    """Velocity model for flow matching: ``sit(x, t, y) -> v`` with x (B, N, D), t in [0, 1].
+
+    Build one with :func:`build_sit` (a preset, random weights) or :meth:`from_config`; load one with
+    :meth:`from_pretrained` (or ``ctok.load_sit``); sample with :func:`ctok.sampling.sample_sit`.
+    """
 
     kind = "sit"
     config_class = SiTConfig
@@ -329,10 +365,12 @@ class SiT(DiffusionTransformer):
         super().__init__(config, out_channels=config.in_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The velocity (B, N, D) at latents x (B, N, D), times t (B,) in [0, 1] and labels y (B,)."""
         self.check_inputs(x, t, y)
         return self.backbone(x, t, y)
 
     def to_config(self) -> dict:
+        """The config.json of a released SiT, with the flags its original loader reads."""
         out = super().to_config()
         out.update(decoder_hidden_size=self.config.hidden_size, use_cfg=self.has_null_class, fused_attn=False)
         return out
@@ -340,6 +378,8 @@ class SiT(DiffusionTransformer):
 
 @dataclass
 class DiTConfig(TransformerConfig):
+    """A DiT's config: the shared fields, whether it learns its variance, and its noise schedule."""
+
     learn_sigma: bool = True
     noise_schedule: str | None = None  # the schedule it was trained on; None: cosine, as every released DiT
 
@@ -349,6 +389,9 @@ class DiT(DiffusionTransformer):
 
     With ``learn_sigma`` the last D channels are in [-1, 1] after training and select the
     log-variance between the posterior variance (-1) and beta_t (+1).
+
+    Build one with :func:`build_dit` (a preset, random weights) or :meth:`from_config`; load one with
+    :meth:`from_pretrained` (or ``ctok.load_dit``); sample with :func:`ctok.sampling.sample_dit`.
     """
 
     kind = "dit"
@@ -360,6 +403,7 @@ class DiT(DiffusionTransformer):
         super().__init__(config, out_channels=config.in_channels * (2 if config.learn_sigma else 1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Noise and variance channels (B, N, D or 2D) at latents x (B, N, D), integer steps t (B,), labels y (B,)."""
         self.check_inputs(x, t, y)
         if t.is_floating_point():
             raise ValueError(f"DiT takes integer timesteps in [0, 1000), got dtype {t.dtype}")
@@ -368,19 +412,49 @@ class DiT(DiffusionTransformer):
 
 # Sizes of the original SiT / DiT families (depth, hidden size, heads); all use patch 1 on 1-D latents.
 SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+_FAMILIES = {"SiT": SiT, "DiT": DiT}
+PRESET_NAMES = tuple(f"{family}-{size}/1" for family in _FAMILIES for size in SIZES)
+# Only XL models were released, one per tokenizer (REFERENCE.md); one hub id of each family for messages.
+RELEASED_EXAMPLES = {"SiT-XL/1": "MAETok/sit-xl_maetok-b-128", "DiT-XL/1": "SoftVQVAE/dit-xl_softvq-l-64"}
 
 
 def build_preset(name: str, *, input_size: int, in_channels: int, num_classes: int = 1000, **overrides):
-    """Build ``SiT-XL/1``, ``DiT-B/1`` ... for latents of ``input_size`` tokens x ``in_channels``."""
+    """Build ``SiT-XL/1``, ``DiT-B/1`` ... (:data:`PRESET_NAMES`) for latents of ``input_size`` tokens x
+    ``in_channels``, with random weights, in train mode; ``overrides`` are further config fields."""
     family, _, size = name.partition("-")
-    size, _, patch = size.partition("/")
-    classes = {"SiT": SiT, "DiT": DiT}
-    if family not in classes or size not in SIZES or patch != "1":
-        valid = [f"{f}-{s}/1" for f in classes for s in SIZES]
-        raise ValueError(f"unknown generator preset {name!r}; choose one of {valid}")
-    depth, hidden, heads = SIZES[size]
-    cls = classes[family]
+    if name not in PRESET_NAMES:
+        raise ValueError(f"unknown generator preset {name!r}; choose one of {list(PRESET_NAMES)}")
+    depth, hidden, heads = SIZES[size.partition("/")[0]]
     cfg = dict(input_size=input_size, in_channels=in_channels, hidden_size=hidden, depth=depth,
                num_heads=heads, num_classes=num_classes)
     cfg.update(overrides)
-    return cls.from_config(cfg)
+    return _FAMILIES[family].from_config(cfg)
+
+
+def _build_family(cls, name: str, input_size: int, in_channels: int, num_classes: int, overrides: dict):
+    """:func:`build_preset`, refusing a preset of the other family."""
+    if name in PRESET_NAMES and not name.startswith(cls.__name__):
+        other = name.partition("-")[0]
+        raise ValueError(f"{name!r} is a {other} preset; build_{cls.kind} builds {cls.__name__}s: "
+                         f"use build_{other.lower()}({name!r}, ...)")
+    return build_preset(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes, **overrides)
+
+
+def build_sit(name: str, *, input_size: int, in_channels: int, num_classes: int = 1000,
+              **overrides) -> SiT:
+    """A SiT preset (``SiT-XL/1``, ``SiT-L/1``, ``SiT-B/1``, ``SiT-S/1``) with random weights, in train mode,
+    for latents of ``input_size`` tokens x ``in_channels`` (a tokenizer's ``num_tokens`` x ``latent_dim``).
+
+    For released weights load a hub id instead, e.g. ``ctok.load_sit("MAETok/sit-xl_maetok-b-128")``.
+    """
+    return _build_family(SiT, name, input_size, in_channels, num_classes, overrides)
+
+
+def build_dit(name: str, *, input_size: int, in_channels: int, num_classes: int = 1000,
+              **overrides) -> DiT:
+    """A DiT preset (``DiT-XL/1``, ``DiT-L/1``, ``DiT-B/1``, ``DiT-S/1``) with random weights, in train mode,
+    for latents of ``input_size`` tokens x ``in_channels`` (a tokenizer's ``num_tokens`` x ``latent_dim``).
+
+    For released weights load a hub id instead, e.g. ``ctok.load_dit("SoftVQVAE/dit-xl_softvq-l-64")``.
+    """
+    return _build_family(DiT, name, input_size, in_channels, num_classes, overrides)

@@ -9,7 +9,8 @@ The network only applies a mask it is given; which patches to mask is the traine
 
 The configuration is the flat field list the released ``config.json`` files carry (see
 :class:`TokenizerConfig`); fields that only mattered to the original training script are kept
-for the round trip but change nothing here.
+for the round trip but change nothing here. :func:`build_tokenizer` builds a released family by
+its preset name (random weights); ``Tokenizer.from_pretrained`` loads a checkpoint.
 """
 from __future__ import annotations
 
@@ -25,15 +26,21 @@ import torch.nn as nn
 
 from ctok.models.quantizers import SoftVectorQuantizer
 from ctok.models.vit import ViTDecoder, ViTEncoder, parse_vit_name
-from ctok.validation import check_tensor
+from ctok.validation import check_image_range, check_model_input, check_tensor
 
 KINDS = ("softvq", "maetok")
 
 
 @dataclass
 class TokenizerConfig:
-    """Fields of the released tokenizer config.json that define the computation."""
+    """Fields of the released tokenizer config.json that define the computation.
 
+    ``tokenizer_kind`` ("softvq" or "maetok") has no default: the other defaults are SoftVQ's, and
+    a MAETok config that lost its kind would otherwise build a SoftVQ without a word.
+    ``TokenizerConfig(**preset_config(name))`` builds the config of a preset.
+    """
+
+    tokenizer_kind: str
     image_size: int = 256
     base_image_size: int = 256
     encoder_model: str = "vit_base_patch14_dinov2.lvd142m"
@@ -65,6 +72,10 @@ class TokenizerConfig:
     # Everything else the config.json held, written back unchanged by save_pretrained.
     extra: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        if self.tokenizer_kind not in KINDS:
+            raise ValueError(f"tokenizer_kind must be one of {KINDS}, got {self.tokenizer_kind!r}")
+
 
 # Keys whose value must be the one ctok implements; anything else would compute another function.
 _REQUIRED = {"enc_type": "vit", "dec_type": "vit", "to_pixel": "linear",
@@ -86,6 +97,10 @@ def tokenizer_kind(config: dict) -> str:
 
 
 def config_from_dict(config: dict) -> tuple[str, TokenizerConfig]:
+    """(kind, config) of a config.json dict; refuses settings ctok does not implement.
+
+    Keys that are not fields of :class:`TokenizerConfig` are kept in its ``extra``.
+    """
     for key, value in _REQUIRED.items():
         if key in config and config[key] != value:
             raise ValueError(f"tokenizer config has {key}={config[key]!r}; ctok implements {key}={value!r} only")
@@ -93,8 +108,9 @@ def config_from_dict(config: dict) -> tuple[str, TokenizerConfig]:
         raise ValueError("use_rope without rope_mixed (axial RoPE) is not supported: the released models use RoPE-Mixed")
     names = {f.name for f in dataclasses.fields(TokenizerConfig)} - {"extra"}
     known = {k: v for k, v in config.items() if k in names}
-    extra = {k: v for k, v in config.items() if k not in names and k != "tokenizer_kind"}
-    return tokenizer_kind(config), TokenizerConfig(**known, extra=extra)
+    known["tokenizer_kind"] = kind = tokenizer_kind(config)
+    extra = {k: v for k, v in config.items() if k not in names}
+    return kind, TokenizerConfig(**known, extra=extra)
 
 
 @dataclass
@@ -108,19 +124,24 @@ class TrainingOutput:
 
 
 class Tokenizer(nn.Module):
-    """``tok.encode(x) -> z`` for images in [-1, 1], ``tok.decode(z) -> images``."""
+    """``tok.encode(x) -> z`` for images in [-1, 1], ``tok.decode(z) -> images``.
 
-    def __init__(self, config: TokenizerConfig, kind: str = "softvq"):
+    Build one with :func:`build_tokenizer` (a preset, random weights), :meth:`from_config` (a
+    config.json dict) or ``Tokenizer(TokenizerConfig(...))``; load one with :meth:`from_pretrained`
+    (or ``ctok.load_tokenizer``), which returns it in eval mode. Its repr says which mode it is in.
+    """
+
+    def __init__(self, config: TokenizerConfig):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not isinstance(config, TokenizerConfig):
+            raise TypeError(f"config must be a TokenizerConfig (Tokenizer.from_config takes a dict), "
+                            f"got {type(config).__name__}")
         c = config
         for name, size, patch in (("image_size", c.image_size, c.enc_patch_size),
                                   ("image_size", c.image_size, c.dec_patch_size)):
             if size % patch:
                 raise ValueError(f"{name} {size} is not divisible by the patch size {patch}")
         self.config = config
-        self.kind = kind
         enc_size, enc_movq = parse_vit_name(c.encoder_model, c.encoder_size)
         dec_size, dec_movq = parse_vit_name(c.decoder_model, c.decoder_size)
         if enc_movq:
@@ -135,7 +156,7 @@ class Tokenizer(nn.Module):
         self.quantize = (
             SoftVectorQuantizer(c.codebook_size, c.codebook_embed_dim, c.num_codebooks, c.tau,
                                 c.codebook_l2_norm, c.entropy_loss_ratio)
-            if kind == "softvq" else None
+            if self.kind == "softvq" else None
         )
         self.post_quant_conv = nn.Linear(c.codebook_embed_dim, dec_size.width)
         # RoPE replaces the decoder's absolute positions; the encoder keeps both (see ViTEncoder).
@@ -148,34 +169,68 @@ class Tokenizer(nn.Module):
 
     # -- shapes --------------------------------------------------------------------------------
     @property
+    def kind(self) -> str:
+        """``"softvq"`` or ``"maetok"`` (the config's ``tokenizer_kind``)."""
+        return self.config.tokenizer_kind
+
+    @property
     def num_tokens(self) -> int:
+        """N, the number of latent tokens per image."""
         return self.config.num_latent_tokens
 
     @property
     def latent_dim(self) -> int:
+        """D, the width of each latent token."""
         return self.config.codebook_embed_dim
 
     @property
     def image_size(self) -> int:
+        """The side of the square images it encodes and decodes, in pixels."""
         return self.config.image_size
 
     @property
     def num_patches(self) -> int:
+        """Image patches the encoder sees (the length of a training mask)."""
         return (self.config.image_size // self.config.enc_patch_size) ** 2
 
+    def extra_repr(self) -> str:
+        """The first line of the repr: kind, shapes, and whether it is in train or eval mode."""
+        mode = "train" if self.training else "eval"
+        return (f"{self.kind}, {self.image_size} px images <-> {self.num_tokens} x {self.latent_dim} latents, "
+                f"{mode} mode")
+
     # -- inference API -------------------------------------------------------------------------
+    # encode, decode and forward run without autograd: nothing differentiates through them (training
+    # uses training_forward), and recording the graph of a ViT pair costs gigabytes for a batch.
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> latents (B, N, D); for SoftVQ the soft-quantized ones."""
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, N, D); for SoftVQ the soft-quantized ones.
+
+        Runs without autograd. Float images of any precision are cast to the model's dtype; uint8
+        images, values outside [-1, 1] (beyond a small overshoot) and NaN are refused with a
+        ValueError, and a batch lying wholly in [0, 1] gets a warning (see
+        :func:`ctok.validation.check_image_range`).
+        """
         s = self.config.image_size
-        check_tensor("images", x, (None, 3, s, s))
-        return self._encode(x, mask=None)[0]
+        weight = self.quant_conv.weight
+        check_tensor("images", x, (None, 3, s, s), finite=False)  # the range check below sees NaN too
+        x = check_model_input("images", x, weight.dtype, weight.device)
+        check_image_range("images", x)
+        with torch.no_grad():
+            return self._encode(x, mask=None)[0]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, N, D), as ``encode`` returns them (not normalised) -> images (B, 3, H, W)."""
+        """Latents (B, N, D), as ``encode`` returns them (not normalised) -> images (B, 3, H, W).
+
+        Runs without autograd; float latents of any precision are cast to the model's dtype.
+        """
         check_tensor("latents", z, (None, self.num_tokens, self.latent_dim))
-        return self.decoder(self.post_quant_conv(z), z)
+        weight = self.post_quant_conv.weight
+        z = check_model_input("latents", z, weight.dtype, weight.device)
+        with torch.no_grad():
+            return self.decoder(self.post_quant_conv(z), z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction ``decode(encode(x))``, without autograd (see :meth:`training_forward`)."""
         return self.decode(self.encode(x))
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
@@ -183,6 +238,7 @@ class Tokenizer(nn.Module):
         return (z - self.config.vq_mean) / self.config.vq_std
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents of the unit-scale space -> the tokenizer's: z * vq_std + vq_mean."""
         return z * self.config.vq_std + self.config.vq_mean
 
     def _encode(self, x: torch.Tensor, mask: torch.Tensor | None):
@@ -199,7 +255,8 @@ class Tokenizer(nn.Module):
         return self.encoder.mask_token is not None
 
     def training_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> TrainingOutput:
-        """Encode with ``mask`` applied, then decode: the pass the training losses are taken on.
+        """Encode with ``mask`` applied, then decode: the pass the training losses are taken on, and
+        the only one that records gradients.
 
         ``mask`` (B, num_patches) bool, True = that patch is replaced by the mask token; None masks
         nothing, in train mode as in eval mode. The network never draws a mask: the trainer
@@ -222,14 +279,22 @@ class Tokenizer(nn.Module):
     # -- configuration and files ---------------------------------------------------------------
     @classmethod
     def from_config(cls, config: dict) -> "Tokenizer":
-        kind, cfg = config_from_dict(config)
-        return cls(cfg, kind)
+        """Build (random weights, train mode) from a config.json dict, released or ctok's."""
+        return cls(config_from_dict(config)[1])
+
+    @classmethod
+    def from_pretrained(cls, src: str | Path, device: str | torch.device = "cpu") -> "Tokenizer":
+        """A checkpoint folder or hub id, loaded in eval mode: the same as ``ctok.load_tokenizer``."""
+        from ctok.hub import load_tokenizer  # the hub module imports this one
+
+        return load_tokenizer(src, device)
 
     def to_config(self) -> dict:
+        """The config.json written next to the weights: every field, ``extra`` included."""
         out = dict(self.config.extra)
         out.update({k: v for k, v in dataclasses.asdict(self.config).items()
                     if k != "extra" and (v is not None or k not in ("encoder_size", "decoder_size"))})
-        out.update(_REQUIRED, tokenizer_kind=self.kind)
+        out.update(_REQUIRED)
         return dict(sorted(out.items()))
 
     def identity(self) -> str:
@@ -243,6 +308,7 @@ class Tokenizer(nn.Module):
         return f"{self.kind}-{self.num_tokens}x{self.latent_dim}-{h.hexdigest()[:16]}"
 
     def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``folder`` (see ``ctok.hub.save_pretrained``)."""
         from ctok.hub import save_pretrained
 
         return save_pretrained(self, folder)
@@ -270,10 +336,22 @@ _PRESETS: dict[str, dict[str, Any]] = {
                          enc_token_drop=0.4, enc_token_drop_max=0.6, entropy_loss_ratio=0.0),
 }
 PRESET_NAMES = tuple(_PRESETS) + tuple(f"{name}-512" for name in _PRESETS)
+# The presets whose trained weights were released, by hub id (REFERENCE.md).
+RELEASED = {
+    "maetok-b-128": "MAETok/maetok-b-128",
+    "maetok-b-128-512": "MAETok/maetok-b-128-512",
+    **{name: f"SoftVQVAE/{name}" for name in ("softvq-b-32", "softvq-bl-32", "softvq-l-32", "softvq-b-64",
+                                                "softvq-bl-64", "softvq-l-64", "softvq-bl-64-512", "softvq-l-32-512")},
+}
 
 
 def preset_config(name: str, **overrides) -> dict:
-    """Config dict of a released tokenizer family (``maetok-b-128``, ``softvq-l-64-512`` ...)."""
+    """Config dict of a released tokenizer family (``maetok-b-128``, ``softvq-l-64-512`` ...).
+
+    Its keys are fields of :class:`TokenizerConfig`, ``tokenizer_kind`` included, so
+    ``TokenizerConfig(**preset_config(name))`` and ``Tokenizer.from_config(preset_config(name))``
+    both build the preset.
+    """
     base, size = (name[:-4], 512) if name.endswith("-512") else (name, 256)
     if base not in _PRESETS:
         raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {list(PRESET_NAMES)}")
@@ -283,6 +361,16 @@ def preset_config(name: str, **overrides) -> dict:
     return config
 
 
-def build_preset(name: str, **overrides) -> Tokenizer:
+def build_tokenizer(name: str, **overrides) -> Tokenizer:
+    """A tokenizer of a released family by preset name (:data:`PRESET_NAMES`), with random weights,
+    in train mode: ``build_tokenizer("maetok-b-128", image_size=512)``.
+
+    ``overrides`` are config fields set over the preset's. For the trained weights load the hub id
+    instead (:data:`RELEASED`), e.g. ``ctok.load_tokenizer("MAETok/maetok-b-128")``.
+    """
     return Tokenizer.from_config(preset_config(name, **overrides))
+
+
+# The name benchmarks/ imports it by.
+build_preset = build_tokenizer
 

@@ -22,11 +22,14 @@ Classifier-free guidance mixes the velocities of the label and of the null class
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from ctok.models.diffusion_transformer import DiffusionTransformer
+from ctok.models.tokenizer import Tokenizer
 from ctok.sampling.noise import Generators, check_generators, randn
 from ctok.validation import check_labels, check_tensor
 
@@ -38,14 +41,20 @@ SDE_LAST_TIME = 0.04
 
 # A time: a Python float while sampling (every sample shares it), a tensor while training (one per sample).
 Time = float | torch.Tensor
+# Class ids as the samplers take them: a tensor (B,), or a list of B ints.
+Labels = torch.Tensor | Sequence[int]
+# What a sampler reads off its model besides calling it.
+GENERATOR_ATTRIBUTES = ("num_tokens", "in_channels", "num_classes", "has_null_class")
 
 
 class PerSampleRandom(Protocol):
     """One random number per sample of the batch on each call, as ``ctok.training.sharding.BatchRandom`` draws."""
 
-    def rand(self) -> torch.Tensor: ...
+    def rand(self) -> torch.Tensor:
+        """Uniform numbers in [0, 1), one per sample (B,)."""
 
-    def randn(self) -> torch.Tensor: ...
+    def randn(self) -> torch.Tensor:
+        """Standard normal numbers, one per sample (B,)."""
 
 
 class FlowPath:
@@ -141,6 +150,7 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def check_guidance(model: torch.nn.Module, cfg_scale: float) -> None:
+    """Raise ValueError for a guidance scale below 1, or above 1 for a model without a null class."""
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
     if cfg_scale > 1.0 and not model.has_null_class:
@@ -148,21 +158,60 @@ def check_guidance(model: torch.nn.Module, cfg_scale: float) -> None:
                          "without label dropout (class_dropout_prob = 0); use cfg_scale 1")
 
 
-def check_sampler_inputs(model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, num_steps: int) -> None:
+def check_generator(model: torch.nn.Module, kind: str) -> None:
+    """Raise unless ``model`` can be sampled by ``sample_{kind}`` (kind ``"sit"`` or ``"dit"``) as it is.
+
+    A SiT and a DiT take the same inputs, so the wrong one runs and returns garbage (a SiT's
+    velocity read as noise gives latents with a std in the tens of thousands); both are refused by
+    name. Any other module with the generator attributes is accepted (tests sample exact toy
+    models). The model must be in eval mode: in train mode label dropout would replace some labels
+    by the null class.
+    """
+    names = {"sit": "SiT", "dit": "DiT"}
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a {names[kind]} (a torch.nn.Module), got {type(model).__name__}")
+    if isinstance(model, DiffusionTransformer) and model.kind != kind:
+        raise ValueError(f"sample_{kind} samples a {names[kind]}, but model is a {names[model.kind]}: "
+                         f"use sample_{model.kind}")
+    if isinstance(model, Tokenizer):
+        raise ValueError(f"model must be a {names[kind]}, got a {model.kind} tokenizer: sample latents with the "
+                         f"{names[kind]} trained on its latents and decode them with ctok.LatentPipeline")
+    missing = [name for name in GENERATOR_ATTRIBUTES if not hasattr(model, name)]
+    if missing:
+        raise ValueError(f"model must be a {names[kind]}; a {type(model).__name__} has no {', '.join(missing)}")
+    if model.training:
+        raise ValueError("model is in train mode, where label dropout would change the samples: "
+                         "call model.eval() first")
+
+
+def check_sampler_inputs(model: torch.nn.Module, kind: str, noise: torch.Tensor, labels: Labels,
+                         num_steps: int) -> torch.Tensor:
+    """Check a sampler's arguments (see :func:`check_generator`); returns ``labels`` as a tensor on
+    ``noise``'s device (a list of ints is converted)."""
+    check_generator(model, kind)
     check_tensor("noise", noise, (None, model.num_tokens, model.in_channels))
+    if not isinstance(labels, torch.Tensor):
+        try:
+            labels = torch.as_tensor(labels, device=noise.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"labels must be a tensor or a list of class ids, got {labels!r}") from None
+    if labels.dim() == 0:  # one number could mean a class for all samples or a sample count: refuse both
+        raise ValueError(f"labels must hold one class id per sample ({noise.shape[0]}), got the single value "
+                         f"{labels.item()!r}: pass [label] * {noise.shape[0]} for one class throughout")
     # The null class is a valid label too: it samples unconditionally.
     check_labels("labels", labels, noise.shape[0], model.num_classes + int(model.has_null_class))
     if labels.device != noise.device:
         raise ValueError(f"labels are on {labels.device} but noise is on {noise.device}")
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    return labels
 
 
 @torch.no_grad()
 def sample_sit(
     model: torch.nn.Module,
     noise: torch.Tensor,
-    labels: torch.Tensor,
+    labels: Labels,
     num_steps: int = 250,
     solver: str = "euler-maruyama",
     cfg_scale: float = 1.0,
@@ -173,10 +222,17 @@ def sample_sit(
 ) -> torch.Tensor:
     """Draw latents from a SiT by integrating from ``noise`` (B, N, D) at t = 1 to t = 0.
 
+    The latents are in the normalised space the SiT was trained in, not the tokenizer's: decode them
+    with :meth:`ctok.LatentPipeline.decode`, which undoes the normalisation (or, by hand,
+    ``tokenizer.decode(z * std + mean)`` with the generator's latent statistics).
+    :meth:`ctok.LatentPipeline.generate` does all of it in one call.
+
     Args:
-        model: a SiT (``model(x, t, y) -> v``), in eval mode.
+        model: a SiT (``model(x, t, y) -> v``), in eval mode (a DiT, a tokenizer or a model left in
+            train mode is refused).
         noise: the starting point, standard normal latents.
-        labels: (B,) class ids; the null class ``model.num_classes`` samples unconditionally.
+        labels: (B,) class ids, a tensor or a list of ints; the null class ``model.num_classes``
+            samples unconditionally.
         num_steps: solver steps (model evaluations per sample: ``num_steps`` for Euler and
             Euler-Maruyama, ``2 num_steps - 1`` for Heun; twice the batch while guided).
         solver: ``"euler"``, ``"heun"`` or ``"euler-maruyama"``.
@@ -189,9 +245,9 @@ def sample_sit(
         progress: show a progress bar over the steps.
 
     Returns:
-        The final latents, (B, N, D), in the dtype of ``noise``.
+        The final latents, (B, N, D), normalised, in the dtype of ``noise``.
     """
-    check_sampler_inputs(model, noise, labels, num_steps)
+    labels = check_sampler_inputs(model, "sit", noise, labels, num_steps)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if path_type is None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ctok.sampling.flow import check_guidance, check_sampler_inputs, model_dtype
+from ctok.sampling.flow import Labels, check_guidance, check_sampler_inputs, model_dtype
 from ctok.sampling.noise import Generators, check_generators, randn
 
 SCHEDULES = ("linear", "cosine")
@@ -188,7 +188,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
 def sample_dit(
     model: torch.nn.Module,
     noise: torch.Tensor,
-    labels: torch.Tensor,
+    labels: Labels,
     num_steps: int = 250,
     sampler: str = "ddpm",
     noise_schedule: str = "cosine",
@@ -200,10 +200,16 @@ def sample_dit(
 ) -> torch.Tensor:
     """Draw latents from a DiT by running a respaced 1000-step diffusion backwards from ``noise``.
 
+    The latents are in the normalised space the DiT was trained in, not the tokenizer's: decode them
+    with :meth:`ctok.LatentPipeline.decode`, which undoes the normalisation;
+    :meth:`ctok.LatentPipeline.generate` samples and decodes in one call.
+
     Args:
-        model: a DiT (``model(x, t, y)`` with integer t in [0, 1000)), in eval mode.
+        model: a DiT (``model(x, t, y)`` with integer t in [0, 1000)), in eval mode (a SiT, a
+            tokenizer or a model left in train mode is refused).
         noise: (B, N, D) standard normal latents, x_T.
-        labels: (B,) class ids; the null class ``model.num_classes`` samples unconditionally.
+        labels: (B,) class ids, a tensor or a list of ints; the null class ``model.num_classes``
+            samples unconditionally.
         num_steps: respaced steps (one model evaluation each; twice the batch when guided).
         sampler: ``"ddpm"`` (ancestral, with the model's learned variance) or ``"ddim"``.
         noise_schedule: the schedule the model was trained with, ``"cosine"`` or ``"linear"``.
@@ -215,9 +221,9 @@ def sample_dit(
         diffusion_steps: steps of the process the model was trained on (1000 for every released DiT).
 
     Returns:
-        x_0, (B, N, D), in the dtype of ``noise``.
+        x_0, (B, N, D), normalised, in the dtype of ``noise``.
     """
-    check_sampler_inputs(model, noise, labels, num_steps)
+    labels = check_sampler_inputs(model, "dit", noise, labels, num_steps)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if sampler == "ddpm" and eta != 0.0:
