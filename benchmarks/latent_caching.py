@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ctok.latent_cache import build_latent_cache, open_image_dataset
+from ctok.data import open_images
+from ctok.latent_cache import build_latent_cache
 from ctok.models.tokenizer import Tokenizer, build_preset
 from ctok.training.config import build_config
 from ctok.training.distributed import init_distributed
@@ -68,7 +69,7 @@ def latent_caching(device: str | torch.device = "cpu", quick: bool = False) -> d
         tmp = Path(tmp)
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_images(tmp / "images", images, tokenizer.image_size)
-        dataset = open_image_dataset(tmp / "images", tokenizer.image_size)
+        dataset = open_images(tmp / "images", tokenizer.image_size)
         start = time.perf_counter()
         build_latent_cache(tokenizer, dataset, tmp / "cache", tokenizer_source=str(tmp / "tokenizer"),
                            ctx=init_distributed(device.type), flip=True, batch_size=batch, num_workers=workers)

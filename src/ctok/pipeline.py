@@ -15,7 +15,6 @@ import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
 from ctok.hub import load_dit, load_sit, load_tokenizer, model_kind, read_config, resolve
@@ -24,18 +23,9 @@ from ctok.models.tokenizer import Tokenizer
 from ctok.sampling.flow import SOLVERS, sample_sit
 from ctok.sampling.gaussian_diffusion import SAMPLERS, sample_dit
 from ctok.sampling.noise import image_generators
+from ctok.uint8 import to_uint8_truncate as to_uint8
 
 OUTPUTS = ("uint8", "float")
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), as PNG files and ADM's samples.npz hold them.
-
-    Quantised as the original samplers did for their FID-50k: clamp, then truncate
-    255 * (x + 1) / 2. Rounding to nearest would be half a level brighter on average and shift FID.
-    """
-    pixels = (255.0 * ((images.float().clamp(-1, 1) + 1) / 2)).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 class LatentPipeline:
@@ -179,7 +169,8 @@ class LatentPipeline:
 
 def load_pipeline(tokenizer: str | os.PathLike, generator: str | os.PathLike, *,
                   device: str | torch.device = "cpu") -> LatentPipeline:
-    """A :class:`LatentPipeline` from two checkpoint folders or hub ids, both loaded onto ``device``.
+    """A :class:`LatentPipeline` from two checkpoint folders or hub ids, both loaded onto ``device``
+    (``"auto"``: the GPU when there is one).
 
     The generator's kind (SiT or DiT) is read from its config.json.
     """
