@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast bench clean fashion-mnist mutation
+.PHONY: demo test test-fast lint bench clean fashion-mnist mutation
 
 $(BIN)/ctok: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: $(BIN)/ctok fashion-mnist
 test-fast: $(BIN)/ctok fashion-mnist
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow'
 
+lint: $(BIN)/ctok
+	$(BIN)/ruff check src tests benchmarks scripts
+
 bench: $(BIN)/ctok
 	$(BIN)/python -m benchmarks
 
@@ -40,12 +43,15 @@ clean:
 # [tool.mutmut] in pyproject.toml, the last scores docs/testing.md. 30-40 minutes on 2 cores.
 # Torch single-threaded in MUTATION_JOBS forked workers (OpenMP after fork can hang). Each run
 # starts from an empty mutants/: mutmut would keep an old survivor's verdict after tests change.
+# MUTATION_TEST_BUDGET_S: a mutant runs the fastest of its tests that fit in this many recorded
+# seconds (scripts/mutation_order.py); 0 runs all of them, twice as long.
 MUTMUT := mutmut==3.8.1
 MUTATION_JOBS ?= 2
+MUTATION_TEST_BUDGET_S ?= 5
 
 mutation: $(BIN)/ctok
 	$(BIN)/pip install --quiet $(MUTMUT)
 	rm -rf mutants
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/scripts \
-		$(BIN)/mutmut run --max-children $(MUTATION_JOBS)
+		MUTATION_TEST_BUDGET_S=$(MUTATION_TEST_BUDGET_S) $(BIN)/mutmut run --max-children $(MUTATION_JOBS)
 	$(BIN)/python scripts/mutation_report.py

@@ -33,14 +33,16 @@ ASSETS = Path(__file__).resolve().parents[1] / "src" / "ctok" / "assets"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", help="folder with the Fashion-MNIST IDX files (default: searched, see ctok.data.fashion_mnist)")
+    p.add_argument("--data",
+                   help="folder with the Fashion-MNIST IDX files (default: searched, see ctok.data.fashion_mnist)")
     p.add_argument("--out", type=Path, default=ASSETS, help="folder for the weights and the record")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (1 epoch warm-up, cosine decay)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (results depend on the count; 1 reproduces anywhere)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (results depend on the count; 1 reproduces anywhere)")
     return p.parse_args(argv)
 
 

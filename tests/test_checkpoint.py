@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from ctok.atomic_files import atomic_write
-from ctok.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint,
-                                      remove_stale_temporaries, restore_rng_state, save_checkpoint)
+from ctok.training.checkpoint import (
+    capture_rng_state,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_state,
+    save_checkpoint,
+)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -62,7 +62,8 @@ def test_write_idx_round_trips_and_matches_the_independent_writer(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     fm.write_idx(tmp_path / "ours.gz", images)
     write_idx(tmp_path / "theirs.gz", images, 0x08, ">u1")
-    assert gzip.decompress((tmp_path / "ours.gz").read_bytes()) == gzip.decompress((tmp_path / "theirs.gz").read_bytes())
+    assert (gzip.decompress((tmp_path / "ours.gz").read_bytes())
+            == gzip.decompress((tmp_path / "theirs.gz").read_bytes()))
     values = np.array([[-1.5, 2.25]], dtype=np.float64)
     fm.write_idx(tmp_path / "values", values)
     write_idx(tmp_path / "values-theirs", values, 0x0E, ">f8")
@@ -216,5 +217,6 @@ def test_bad_arguments_say_what_was_expected(synthetic_fashion_mnist):
         fm.load_fashion_mnist("val", synthetic_fashion_mnist)
     with pytest.raises(ValueError, match="limit must be a positive number of images, got 0"):
         fm.load_fashion_mnist("test", synthetic_fashion_mnist, limit=0)
-    with pytest.raises(ValueError, match=r"expected uint8 images of shape \(N, 28, 28\), got torch.float32 \(2, 32, 32\)"):
+    with pytest.raises(ValueError,
+                       match=r"expected uint8 images of shape \(N, 28, 28\), got torch.float32 \(2, 32, 32\)"):
         fm.to_model_images(torch.zeros(2, 32, 32))

@@ -75,7 +75,8 @@ def test_unclear_layouts_are_refused_with_the_reason(tmp_path):
     (gap / "a").mkdir(parents=True)
     (gap / "b").mkdir()
     solid(gap / "a" / "x.png", (0, 0, 0))
-    with pytest.raises(ValueError, match=r"class folder \S*gap/b holds no images .*class ids come from the sorted folder names"):
+    with pytest.raises(ValueError,
+                       match=r"class folder \S*gap/b holds no images .*class ids come from the sorted folder names"):
         ImageFolder(gap, 8)
     with pytest.raises(ValueError, match="crop must be one of"):
         ImageFolder(gap / "a", 8, crop="middle")

@@ -30,7 +30,8 @@ def tf_resize_by_definition(image: np.ndarray, out_h: int, out_w: int) -> np.nda
     return out
 
 
-@pytest.mark.parametrize("in_size,out_size", [((5, 7), (13, 11)), ((16, 12), (7, 5)), ((9, 9), (9, 9)), ((24, 20), (29, 29))])
+@pytest.mark.parametrize("in_size,out_size",
+                         [((5, 7), (13, 11)), ((16, 12), (7, 5)), ((9, 9), (9, 9)), ((24, 20), (29, 29))])
 def test_resize_matches_tensorflow_definition_bit_for_bit(in_size, out_size):
     image = np.random.default_rng(0).integers(0, 256, (2, 3, *in_size)).astype(np.float32)
     got = resize_bilinear_tf(torch.from_numpy(image), out_size).numpy()

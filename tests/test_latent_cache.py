@@ -114,9 +114,9 @@ def test_two_processes_build_the_same_cache_as_one(tokenizer, synthetic_fashion_
     from ctok.data.fashion_mnist import load_fashion_mnist_raw
 
     tokenizer.save_pretrained(tmp_path / "tok")
-    command = ["-m", "ctok", "cache-latents", "--tokenizer", str(tmp_path / "tok"), "--data", str(synthetic_fashion_mnist),
-               "--limit", "24", "--shard-size", "8", "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
-               "--flip"]
+    command = ["-m", "ctok", "cache-latents", "--tokenizer", str(tmp_path / "tok"),
+               "--data", str(synthetic_fashion_mnist), "--limit", "24", "--shard-size", "8", "--batch-size", "8",
+               "--num-workers", "0", "--device", "cpu", "--flip"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *command, "--out", str(tmp_path / "one")], check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command,

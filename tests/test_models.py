@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctok.models.diffusion_transformer import SIZES, SiT, build_preset as build_generator
+from ctok.models.diffusion_transformer import SIZES, SiT
+from ctok.models.diffusion_transformer import build_preset as build_generator
 from ctok.models.tokenizer import PRESET_NAMES, Tokenizer, build_tokenizer, preset_config
 from ctok.models.vit import MoVQBlock
 

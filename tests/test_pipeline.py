@@ -164,7 +164,8 @@ def test_the_record_is_a_typed_config_field_that_save_pretrained_writes(trained,
     dit = load_dit(trained["dit"])
     assert dit.config.latent_stats == STATS and dit.config.noise_schedule == "linear"
     # A released checkpoint saves back without the three keys.
-    assert not {"latent_stats", "tokenizer", "noise_schedule"} & load_dit(conformance_dir / "dit_small").to_config().keys()
+    assert not ({"latent_stats", "tokenizer", "noise_schedule"}
+                & load_dit(conformance_dir / "dit_small").to_config().keys())
     # config.json files written before the fields existed (keys added by hand) read the same.
     folder = tmp_path / "old"
     shutil.copytree(conformance_dir / "sit_small", folder)

@@ -85,7 +85,8 @@ def test_reconstruct_writes_reconstructions_metrics_and_grid(tokenizer_dir, imag
     results = json.loads((out / "metrics.json").read_text())
     assert results["num_images"] == 4 and results["image_size"] == 32 and results["skipped_files"] == []
     psnr = np.mean([peak_signal_noise_ratio(c, r, data_range=255) for c, r in zip(crops, reconstructions)])
-    ssim = np.mean([structural_similarity(c, r, channel_axis=-1, data_range=255) for c, r in zip(crops, reconstructions)])
+    ssim = np.mean([structural_similarity(c, r, channel_axis=-1, data_range=255)
+                    for c, r in zip(crops, reconstructions)])
     assert results["psnr"] == pytest.approx(psnr, rel=1e-9)
     assert results["ssim"] == pytest.approx(ssim, rel=1e-9)
     network = TinyFeatures()

@@ -7,8 +7,14 @@ from typing import Literal
 import pytest
 
 from ctok.cli import main
-from ctok.training.config import (apply_overrides, build_config, config_to_dict, load_config,
-                                  packaged_config_names, resolve_config_path)
+from ctok.training.config import (
+    apply_overrides,
+    build_config,
+    config_to_dict,
+    load_config,
+    packaged_config_names,
+    resolve_config_path,
+)
 from ctok.training.generator import DiTTrainConfig, SiTTrainConfig
 from ctok.training.runner import OptimSection, RunSection
 
@@ -51,7 +57,8 @@ def test_values_are_parsed_and_typed():
     cfg = build_config(Small, {**BASE, "optim": {"lr": "1e-4", "betas": [0.9, 0.95], "grad_clip": None}})
     assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.9, 0.95) and cfg.optim.grad_clip is None
     assert cfg.optim.weight_decay == 0.0 and cfg.run.resume is True  # defaults
-    assert build_config(Small, {"run": {**BASE["run"], "resume": "a/step-00000010.pt"}}).run.resume == "a/step-00000010.pt"
+    config = build_config(Small, {"run": {**BASE["run"], "resume": "a/step-00000010.pt"}})
+    assert config.run.resume == "a/step-00000010.pt"
     assert config_to_dict(cfg)["optim"]["betas"] == [0.9, 0.95]
 
 

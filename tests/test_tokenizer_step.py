@@ -19,12 +19,19 @@ from ctok.losses.alignment import alignment_projection
 from ctok.models.auxiliary_decoders import AuxiliaryDecoders
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.config import load_config
+from ctok.training.masking import MaskSchedule
 from ctok.training.runner import RunSection
 from ctok.training.sharding import BatchRandom, BatchSplit
-from ctok.training.masking import MaskSchedule
 from ctok.training.tokenizer import DiscriminatorObjective, TokenizerTask, TokenizerTrainingModel
-from ctok.training.tokenizer_config import (AlignmentSection, AuxiliarySection, DataSection, GANSection, LossSection,
-                                            TokenizerTrainConfig, tokenizer_config)
+from ctok.training.tokenizer_config import (
+    AlignmentSection,
+    AuxiliarySection,
+    DataSection,
+    GANSection,
+    LossSection,
+    TokenizerTrainConfig,
+    tokenizer_config,
+)
 from ctok.training.tokenizer_setup import init_linear_xavier
 
 BATCH, PATCH, TEACHER_WIDTHS = 4, 8, {"dinov2": 6, "siglip": 5}

@@ -80,7 +80,8 @@ def run_cli(args, capsys):
 @pytest.mark.parametrize("overrides, message", [
     (["model.input_size=16"], "model.input_size is 16 but the latents have 8 tokens (8 x 4)"),
     (["model.in_channels=32"], "model.in_channels is 32 but the latents have 4 channels"),
-    (["model.num_classes=9"], "has class ids in [0, 9] but model.num_classes is 9: set model.num_classes to at least 10"),
+    (["model.num_classes=9"],
+     "has class ids in [0, 9] but model.num_classes is 9: set model.num_classes to at least 10"),
     (["tokenizer=/no/such/tokenizer"], "no checkpoint folder at /no/such/tokenizer"),
     (["data.latents=/no/such/cache"], "/no/such/cache is not a finished latent cache"),
     (["data.images=/somewhere"], "set exactly one of data.latents"),
@@ -211,7 +212,8 @@ def test_on_the_fly_training_normalises_with_statistics_of_its_first_images(toke
     out = tmp_path / "run"
     assert main(["train-sit", "--config", "tiny-sit", "data.latents=null", f"data.images={synthetic_fashion_mnist}",
                  f"tokenizer={folder}", "data.stats_images=40", "data.batch_size=8", f"run.out_dir={out}",
-                 "run.device=cpu", "run.max_steps=3", "run.log_every=1", "samples.steps=2", "samples.num_images=4"]) == 0
+                 "run.device=cpu", "run.max_steps=3", "run.log_every=1", "samples.steps=2",
+                 "samples.num_images=4"]) == 0
     images = load_fashion_mnist("train", synthetic_fashion_mnist, limit=40)[0]
     with torch.no_grad():
         z = model.encode(images).double()
@@ -227,6 +229,7 @@ def test_a_tokenizer_with_its_own_statistics_wins_over_the_cache(tokenizer):
     released = Tokenizer.from_config({**model.to_config(), "vq_mean": -0.00077168207, "vq_std": 0.07157949})
     cache = type("Cache", (), {"info": type("Info", (), {"mean": 0.5, "std": 2.0, "folder": "c"})})()
     chosen = choose_latent_stats(released, cache, None, 0)
-    assert (chosen.mean, chosen.std, chosen.source) == (-0.00077168207, 0.07157949, "tokenizer config (vq_mean, vq_std)")
+    assert ((chosen.mean, chosen.std, chosen.source)
+            == (-0.00077168207, 0.07157949, "tokenizer config (vq_mean, vq_std)"))
     chosen = choose_latent_stats(model, cache, None, 0)
     assert (chosen.mean, chosen.std, chosen.source) == (0.5, 2.0, "latent cache c")

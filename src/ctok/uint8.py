@@ -15,7 +15,9 @@ import torch
 
 
 def to_uint8_truncate(images: torch.Tensor) -> np.ndarray:
-    """Images (B, 3, H, W) in [-1, 1] -> uint8 NumPy (B, H, W, 3), truncated as PNG files and ADM's samples.npz hold them."""
+    """Images (B, 3, H, W) in [-1, 1] -> uint8 NumPy (B, H, W, 3), truncated as PNG files and ADM's
+    samples.npz hold them.
+    """
     pixels = (255.0 * ((images.float().clamp(-1, 1) + 1) / 2)).to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 

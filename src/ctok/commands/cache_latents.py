@@ -7,7 +7,8 @@ HELP = "encode a dataset with a tokenizer into sharded latent files for generato
 def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id")
     parser.add_argument("--data", required=True,
-                        help="image folder (ImageNet class sub-folders, or flat) or a folder with Fashion-MNIST's files")
+                        help="image folder (ImageNet class sub-folders, or flat) "
+                             "or a folder with Fashion-MNIST's files")
     parser.add_argument("--out", required=True, help="cache folder to write (an interrupted build there is resumed)")
     parser.add_argument("--flip", action="store_true", help="also store each image's mirror as a second view")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")

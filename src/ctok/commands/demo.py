@@ -5,7 +5,8 @@ HELP = "train a tokenizer and a SiT on Fashion-MNIST, generate and evaluate: the
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="demo-out", help="output folder; running again in it resumes (default demo-out)")
+    parser.add_argument("--out", default="demo-out",
+                        help="output folder; running again in it resumes (default demo-out)")
     parser.add_argument("--data", help="Fashion-MNIST folder (default: $CTOK_FASHION_MNIST, then "
                                        "/usr/share/datasets/fashion-mnist, then a torchvision download when online)")
     parser.add_argument("--quick", action="store_true", help="a smoke run in under two minutes (figures meaningless)")

@@ -8,7 +8,8 @@ HELP = "FID, sFID, IS, precision and recall of samples (.npz or folder) against 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samples", required=True, help="samples: an .npz with arr_0 uint8 (N, H, W, 3), or a folder of images")
+    parser.add_argument("--samples", required=True,
+                        help="samples: an .npz with arr_0 uint8 (N, H, W, 3), or a folder of images")
     parser.add_argument("--ref", required=True,
                         help="reference: an ADM reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s), "
                              "a samples .npz, or a folder of images (centre-cropped to --image-size)")
@@ -19,14 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "$CTOK_INCEPTION_WEIGHTS, then torch's hub cache); 'random' for a random network "
                               "whose numbers mean nothing (tests)")
     network.add_argument("--feature-network", metavar="MODULE:FACTORY",
-                         help="use another feature network: FACTORY() from MODULE returns it (see ctok.metrics.features), "
+                         help="use another feature network: FACTORY() from MODULE returns it "
+                              "(see ctok.metrics.features), "
                               "e.g. ctok.models.fmnist_classifier:load_fmnist_classifier")
     parser.add_argument("--image-size", type=int, help="crop size for a folder reference (default: the samples' size)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (ADM: 3)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--num-workers", type=int, default=4, help="image decoding workers for folders")
-    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the reference's cached statistics")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="neither read nor write the reference's cached statistics")
 
 
 def format_results(results: dict, names: dict[str, str]) -> str:

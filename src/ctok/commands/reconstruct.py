@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "encode+decode a folder with a tokenizer: rFID, PSNR, SSIM, LPIPS, a comparison grid, the reconstructions (.npz); torchrun-aware"
+HELP = ("encode+decode a folder with a tokenizer: rFID, PSNR, SSIM, LPIPS, a comparison grid, "
+        "the reconstructions (.npz); torchrun-aware")
 
 METRICS_NAME = "metrics.json"
 RECONSTRUCTIONS_NAME = "reconstructions.npz"

@@ -224,7 +224,8 @@ class Demo:
         curves = plot_losses({"tokenizer": self.out / "runs" / "tokenizer" / "log.jsonl",
                               "SiT": self.out / "runs" / "sit" / "log.jsonl"}, self.out / "loss_curves.png")
         figures = [
-            ("Reconstructions", self.out / "reconstructions.png", "test images (odd columns) and their reconstructions"),
+            ("Reconstructions", self.out / "reconstructions.png",
+             "test images (odd columns) and their reconstructions"),
             ("Generated samples", self.out / "samples_by_class.png",
              f"one row per class (T-shirt ... ankle boot), guidance scale {self.settings.cfg_scale}"),
             ("Loss curves", curves, "training losses of the tokenizer and of the SiT (log scale)"),

@@ -22,9 +22,11 @@ METRIC_MEANINGS = {
     "gfid": ("Generation FID", "Generated class-balanced images against the test split; lower is better."),
     "gfid_no_guidance": ("Generation FID without guidance", "The same sampler with cfg scale 1."),
     "class_accuracy": ("Generated-class accuracy",
-                       "Share of generated images the packaged classifier assigns to the class they were generated for."),
+                       "Share of generated images the packaged classifier assigns to the class "
+                       "they were generated for."),
     "class_accuracy_no_guidance": ("Generated-class accuracy without guidance", "As above, cfg scale 1."),
-    "classifier_test_accuracy": ("Feature network accuracy", "The packaged Fashion-MNIST classifier on the test split."),
+    "classifier_test_accuracy": ("Feature network accuracy",
+                                 "The packaged Fashion-MNIST classifier on the test split."),
 }
 
 
@@ -84,7 +86,8 @@ def write_report(out: Path, metrics: dict, figures: list[tuple[str, Path, str]],
             rows.append(f"<tr><td>{html.escape(label)}</td><td class=num>{_value(metrics[key])}</td>"
                         f"<td>{html.escape(target)}</td><td>{html.escape(meaning)}</td></tr>")
     sections = [
-        f"<figure><figcaption><b>{html.escape(title)}</b> — {html.escape(caption)}</figcaption>{_img(path, title)}</figure>"
+        f"<figure><figcaption><b>{html.escape(title)}</b> — {html.escape(caption)}</figcaption>"
+        f"{_img(path, title)}</figure>"
         for title, path, caption in figures if path is not None and path.exists()
     ]
     page = f"""<!doctype html>

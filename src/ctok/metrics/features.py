@@ -58,7 +58,8 @@ def network_features(network: torch.nn.Module, images: torch.Tensor) -> dict[str
         out = network(images)
     if not isinstance(out, dict) or "pool" not in out:
         got = sorted(out) if isinstance(out, dict) else type(out).__name__
-        raise ValueError(f"a feature network must return a dict with 'pool' (and optionally 'spatial', 'logits'); got {got}")
+        raise ValueError("a feature network must return a dict with 'pool' (and optionally 'spatial', 'logits'); "
+                         f"got {got}")
     features = {}
     for key in FEATURE_KEYS:
         if key in out:

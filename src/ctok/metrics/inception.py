@@ -29,7 +29,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.inception import BasicConv2d, Inception3, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+from torchvision.models.inception import (
+    BasicConv2d,
+    Inception3,
+    InceptionA,
+    InceptionB,
+    InceptionC,
+    InceptionD,
+    InceptionE,
+)
 
 from ctok.metrics.tf_resize import resize_bilinear_tf
 from ctok.metrics.weight_files import WeightFile, load_state_dict, resolve_weight_file
@@ -155,7 +163,8 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
         if missing or unexpected or reshaped:
             raise ValueError(
                 f"{path} is not an Inception-V3 FID weight file: missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}, wrong shape {reshaped[:3]} ({len(missing)}, {len(unexpected)}, {len(reshaped)} in all)"
+                f"{unexpected[:3]}, wrong shape {reshaped[:3]} "
+                f"({len(missing)}, {len(unexpected)}, {len(reshaped)} in all)"
             )
         model.load_state_dict(state, strict=False)
         model.identity = f"inception-2015-12-05:sha256:{sha}"

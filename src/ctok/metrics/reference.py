@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctok.atomic_files import atomic_write
 from ctok.metrics.features import extract_features, network_identity
 from ctok.metrics.frechet import gaussian_statistics
 from ctok.metrics.image_sets import has_images, open_image_set, stored_statistics
 from ctok.metrics.inception import PUBLISHED_IDENTITY
-from ctok.atomic_files import atomic_write
 
 
 @dataclass

@@ -53,8 +53,8 @@ def resolve_weight_file(spec: WeightFile, explicit: str | os.PathLike | None = N
     except FileNotFoundError as reason:
         raise FileNotFoundError(
             f"{spec.what} weights ({spec.filename}) are not on this machine. Download {spec.url} "
-            f"and put it at {torch_cache_path(spec.filename)}, or anywhere and point {spec.env_var} (or the command's weights "
-            f"option) at it ({reason})"
+            f"and put it at {torch_cache_path(spec.filename)}, or anywhere and point {spec.env_var} "
+            f"(or the command's weights option) at it ({reason})"
         ) from None
 
 

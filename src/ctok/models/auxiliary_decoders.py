@@ -83,7 +83,8 @@ class AuxiliaryDecoders(nn.Module):
             for name, (dim, _) in targets.items()
         })
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor | None, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None,
+                targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss per target, at the masked positions of ``mask`` (B, num_patches)."""
         missing = sorted(set(self.decoders) - set(targets))
         if missing:

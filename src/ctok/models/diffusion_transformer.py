@@ -153,19 +153,22 @@ class LatentStats:
 
     def __post_init__(self):
         if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
-            raise ValueError(f"latent_stats needs a finite mean and a positive std, got mean {self.mean}, std {self.std}")
+            raise ValueError("latent_stats needs a finite mean and a positive std, "
+                             f"got mean {self.mean}, std {self.std}")
 
     @classmethod
     def from_dict(cls, record: dict) -> "LatentStats":
         """From the ``latent_stats`` entry of a config.json: ``{"mean", "std", "source"}``."""
         if not isinstance(record, dict) or not {"mean", "std"} <= record.keys() <= {"mean", "std", "source"}:
-            raise ValueError(f"latent_stats must be a mapping with keys mean, std and (optionally) source, got {record!r}")
+            raise ValueError("latent_stats must be a mapping with keys mean, std and (optionally) source, "
+                             f"got {record!r}")
         return cls(float(record["mean"]), float(record["std"]), str(record.get("source", "")))
 
     @classmethod
     def of_tokenizer(cls, tokenizer) -> "LatentStats":
         """The tokenizer config's vq_mean / vq_std: what released generators were trained with."""
-        return cls(float(tokenizer.config.vq_mean), float(tokenizer.config.vq_std), "tokenizer config (vq_mean, vq_std)")
+        return cls(float(tokenizer.config.vq_mean), float(tokenizer.config.vq_std),
+                   "tokenizer config (vq_mean, vq_std)")
 
     def to_dict(self) -> dict:
         """The ``latent_stats`` entry of a config.json."""

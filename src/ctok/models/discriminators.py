@@ -110,7 +110,8 @@ class DinoDiscriminator(nn.Module):
         self.key_blocks = tuple(sorted(key_blocks))
         self.last_block = self.key_blocks[-1] if self.key_blocks else -1
         self.register_buffer("scale", 0.5 / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", ((0.5 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1),
+        self.register_buffer("shift",
+                             ((0.5 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1),
                              persistent=False)
         width = backbone.num_features
         self.heads = nn.ModuleList(_token_head(width, kernel_size) for _ in range(len(self.key_blocks) + 1))

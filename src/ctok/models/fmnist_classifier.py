@@ -63,7 +63,8 @@ class FashionMNISTClassifier(nn.Module):
         return {"pool": pool, "logits": self.head(pool), "spatial": spatial}
 
 
-def load_fmnist_classifier(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FashionMNISTClassifier:
+def load_fmnist_classifier(path: str | os.PathLike | None = None,
+                           device: str | torch.device = "cpu") -> FashionMNISTClassifier:
     """The trained classifier in eval mode, from ``path`` or (default) the weights packaged with ctok.
 
     ``identity`` becomes ``"fmnist-classifier-<first 12 hex digits of the file's sha256>"``, so an

@@ -181,11 +181,13 @@ def vgg16_features(weights: Path | None) -> nn.Sequential:
     features = vgg.make_layers(vgg.cfgs["D"])
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
+        features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
+                                  if k.startswith("features.")})
     return freeze(features)
 
 
-def load_pretrained_encoder(backbone: nn.Module, model: str, *, image_size: int, patch_size: int, weights: Path) -> None:
+def load_pretrained_encoder(backbone: nn.Module, model: str, *, image_size: int, patch_size: int,
+                            weights: Path) -> None:
     """Initialise a tokenizer encoder's timm-style ``model`` from pretrained ViT weights (e.g. DINOv2).
 
     timm resamples the patch embedding and position table to ``patch_size`` and ``image_size``;

@@ -105,7 +105,8 @@ def config_from_dict(config: dict) -> tuple[str, TokenizerConfig]:
         if key in config and config[key] != value:
             raise ValueError(f"tokenizer config has {key}={config[key]!r}; ctok implements {key}={value!r} only")
     if config.get("use_rope") and not config.get("rope_mixed"):
-        raise ValueError("use_rope without rope_mixed (axial RoPE) is not supported: the released models use RoPE-Mixed")
+        raise ValueError("use_rope without rope_mixed (axial RoPE) is not supported: "
+                         "the released models use RoPE-Mixed")
     names = {f.name for f in dataclasses.fields(TokenizerConfig)} - {"extra"}
     known = {k: v for k, v in config.items() if k in names}
     known["tokenizer_kind"] = kind = tokenizer_kind(config)
@@ -317,18 +318,24 @@ class Tokenizer(nn.Module):
 # Released model families. Values not given by REFERENCE.md (vq_mean / vq_std of most models) are
 # left at 0 / 1: the hub config of a released checkpoint always overrides a preset.
 _PRESETS: dict[str, dict[str, Any]] = {
-    "softvq-b-64": dict(encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_base_patch14_dinov2.lvd142m",
+    "softvq-b-64": dict(encoder_model="vit_base_patch14_dinov2.lvd142m",
+                        decoder_model="vit_base_patch14_dinov2.lvd142m",
                         num_latent_tokens=64, codebook_embed_dim=32),
-    "softvq-bl-64": dict(encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_large_patch14_dinov2.lvd142m",
+    "softvq-bl-64": dict(encoder_model="vit_base_patch14_dinov2.lvd142m",
+                         decoder_model="vit_large_patch14_dinov2.lvd142m",
                          num_latent_tokens=64, codebook_embed_dim=32, vq_mean=-0.00077168207, vq_std=0.07157949),
-    "softvq-l-64": dict(encoder_model="vit_large_patch14_dinov2.lvd142m", decoder_model="vit_large_patch14_dinov2.lvd142m",
+    "softvq-l-64": dict(encoder_model="vit_large_patch14_dinov2.lvd142m",
+                        decoder_model="vit_large_patch14_dinov2.lvd142m",
                         num_latent_tokens=64, codebook_embed_dim=32),
-    "softvq-b-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_base_patch14_dinov2.lvd142m",
+    "softvq-b-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m",
+                        decoder_model="vit_base_patch14_dinov2.lvd142m",
                         num_latent_tokens=32, codebook_embed_dim=64),
-    "softvq-bl-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_large_patch14_dinov2.lvd142m",
+    "softvq-bl-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m",
+                         decoder_model="vit_large_patch14_dinov2.lvd142m",
                          num_latent_tokens=32, codebook_embed_dim=64),
     # The released softvq-l-32 config names a ViT-B encoder and a ViT-L decoder.
-    "softvq-l-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_large_patch14_dinov2.lvd142m",
+    "softvq-l-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m",
+                        decoder_model="vit_large_patch14_dinov2.lvd142m",
                         num_latent_tokens=32, codebook_embed_dim=64, vq_mean=0.00060894643, vq_std=0.029030401),
     "maetok-b-128": dict(tokenizer_kind="maetok", encoder_model="vit_base_patch14_dinov2.lvd142m",
                          decoder_model="vit_base_patch14_dinov2_movqv2", num_latent_tokens=128, codebook_embed_dim=32,

@@ -60,7 +60,8 @@ def parse_vit_name(name: str, override: list | tuple | None = None) -> tuple[ViT
     size = VIT_SIZES[match["size"]]
     if override is not None:
         if len(override) != 3 or override[0] % override[2]:
-            raise ValueError(f"a ViT size override is [width, depth, heads] with width divisible by heads, got {override}")
+            raise ValueError("a ViT size override is [width, depth, heads] with width divisible by heads, "
+                             f"got {override}")
         size = ViTSize(*(int(v) for v in override))
     return size, match["movq"] is not None
 

@@ -77,7 +77,8 @@ def build_config(schema: type[T], tree: dict, where: str = "") -> T:
     unknown = sorted(set(tree) - set(fields))
     if unknown:
         names = ", ".join(repr(_join(where, k)) for k in unknown)
-        raise ValueError(f"unknown config key {names}; valid keys{' of ' + repr(where) if where else ''}: {sorted(fields)}")
+        raise ValueError(f"unknown config key {names}; "
+                         f"valid keys{' of ' + repr(where) if where else ''}: {sorted(fields)}")
     hints = typing.get_type_hints(schema)
     values = {}
     for name, field in fields.items():

@@ -37,8 +37,8 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ctok.hub import load_tokenizer
 from ctok.data import open_images
+from ctok.hub import load_tokenizer
 from ctok.latent_cache import LatentCache, LatentStatistics
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord, build_preset
 from ctok.sampling.flow import FlowPath, sample_sit
@@ -266,7 +266,8 @@ class DiffusionTask(GeneratorTask):
 
 
 # -- the command -----------------------------------------------------------------------------
-def check_model_section(kind: str, m: ModelSection, num_tokens: int | None = None, latent_dim: int | None = None) -> None:
+def check_model_section(kind: str, m: ModelSection, num_tokens: int | None = None,
+                        latent_dim: int | None = None) -> None:
     """The preset must be of the family being trained, and sizes given in the config must fit the latents."""
     family = {"sit": "SiT", "dit": "DiT"}[kind]
     if not m.preset.startswith(f"{family}-"):
@@ -277,7 +278,8 @@ def check_model_section(kind: str, m: ModelSection, num_tokens: int | None = Non
     for key, ours, what in (("input_size", num_tokens, "tokens"), ("in_channels", latent_dim, "channels")):
         theirs = getattr(m, key)
         if theirs is not None and theirs != ours:
-            raise ValueError(f"model.{key} is {theirs} but the latents have {ours} {what} ({num_tokens} x {latent_dim})")
+            raise ValueError(f"model.{key} is {theirs} but the latents have {ours} {what} "
+                             f"({num_tokens} x {latent_dim})")
 
 
 def build_generator(kind: str, cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: int,
@@ -331,7 +333,8 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
     images = None
     if cache is not None:
         if (cache.info.num_tokens, cache.info.latent_dim) != (tokenizer.num_tokens, tokenizer.latent_dim):
-            raise ValueError(f"latent cache {cache.info.folder} holds {cache.info.num_tokens} x {cache.info.latent_dim} "
+            raise ValueError(f"latent cache {cache.info.folder} holds "
+                             f"{cache.info.num_tokens} x {cache.info.latent_dim} "
                              f"latents but tokenizer {source} makes {tokenizer.num_tokens} x {tokenizer.latent_dim}")
         if cache.info.tokenizer_identity != tokenizer.identity():
             raise ValueError(f"latent cache {cache.info.folder} was made by tokenizer {cache.info.tokenizer_identity} "
@@ -340,7 +343,8 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         images = open_images(cfg.data.images, tokenizer.image_size)
         labels = getattr(images, "labels", None)
         if labels is not None:
-            check_labels_fit((int(min(labels)), int(max(labels))), cfg.model.num_classes, f"data.images {cfg.data.images}")
+            check_labels_fit((int(min(labels)), int(max(labels))), cfg.model.num_classes,
+                             f"data.images {cfg.data.images}")
         elif getattr(images, "classes", None):
             check_labels_fit((0, len(images.classes) - 1), cfg.model.num_classes, f"data.images {cfg.data.images}")
 
@@ -357,7 +361,8 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         latents = CachedLatents(stats) if cache is not None else EncodedImages(tokenizer, stats, cfg.data.flip)
         common = dict(model=model, ema=runner.ema_module("model"), latents=latents, tokenizer=tokenizer,
                       stats=stats, samples=cfg.samples)
-        task = FlowMatchingTask(**common, flow=cfg.flow) if kind == "sit" else DiffusionTask(**common, diffusion=cfg.diffusion)
+        task = (FlowMatchingTask(**common, flow=cfg.flow) if kind == "sit"
+                else DiffusionTask(**common, diffusion=cfg.diffusion))
         if ctx.is_main:
             tqdm.write(f"{cfg.model.preset}: {network.num_parameters():,} parameters on {tokenizer.num_tokens} x "
                        f"{tokenizer.latent_dim} latents of {source}; normalising with mean {stats.mean:.6g}, "

@@ -32,13 +32,15 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise ValueError("run.tensorboard is true but tensorboard is not installed: pip install tensorboard") from err
+                raise ValueError("run.tensorboard is true but tensorboard is not installed: "
+                                 "pip install tensorboard") from err
             self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
         if wandb_project:
             try:
                 import wandb
             except ImportError as err:
-                raise ValueError(f"run.wandb is {wandb_project!r} but wandb is not installed: pip install wandb") from err
+                raise ValueError(f"run.wandb is {wandb_project!r} but wandb is not installed: "
+                                 "pip install wandb") from err
             self._wandb = wandb.init(project=wandb_project, name=Path(run_dir).name, dir=str(run_dir),
                                      config=config, resume="allow", id=Path(run_dir).resolve().name)
 

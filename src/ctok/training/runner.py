@@ -57,9 +57,14 @@ from tqdm import tqdm
 
 from ctok.atomic_files import save_image_grid
 from ctok.settings_check import changed_keys, describe_changes
-from ctok.training.checkpoint import (capture_rng_state, list_checkpoints,
-                                      load_checkpoint, remove_stale_temporaries, restore_rng_state,
-                                      save_checkpoint)
+from ctok.training.checkpoint import (
+    capture_rng_state,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_state,
+    save_checkpoint,
+)
 from ctok.training.config import save_yaml
 from ctok.training.distributed import DistContext, barrier, gather_objects, mean_over_processes
 from ctok.training.run_log import RunLog

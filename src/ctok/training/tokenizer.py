@@ -52,8 +52,14 @@ from ctok.training.masking import MaskSchedule, random_patch_mask
 from ctok.training.runner import Runner
 from ctok.training.sharding import BatchRandom
 from ctok.training.tokenizer_config import TokenizerTrainConfig, check_options, tokenizer_config
-from ctok.training.tokenizer_setup import (build_discriminator, build_heads, build_teachers, build_tokenizer,
-                                          pretrained_requests, reference_images)
+from ctok.training.tokenizer_setup import (
+    build_discriminator,
+    build_heads,
+    build_teachers,
+    build_tokenizer,
+    pretrained_requests,
+    reference_images,
+)
 
 
 # -- the trained modules ---------------------------------------------------------------------
@@ -100,7 +106,8 @@ class DiscriminatorObjective(nn.Module):
         self.augment = DiffAugment() if diffaugment else None
         self.strong_augment = strong_augment()
 
-    def forward(self, real: torch.Tensor, fake: torch.Tensor, rand: Uniform, gan_weight: float) -> dict[str, torch.Tensor]:
+    def forward(self, real: torch.Tensor, fake: torch.Tensor, rand: Uniform,
+                gan_weight: float) -> dict[str, torch.Tensor]:
         real, fake = real.detach(), fake.detach()
         seen_real = self.augment(real, rand) if self.augment else real
         seen_fake = self.augment(fake, rand) if self.augment else fake
@@ -172,12 +179,14 @@ class TokenizerTask:
         nll = self.cfg.loss.reconstruction_weight * rec_loss
         if self.lpips is not None:
             p_loss = self.lpips(images, rec)
-            nll = nll + perceptual_weight_at(step, self.cfg.loss.perceptual_weight, self.cfg.loss.perceptual_warmup) * p_loss
+            nll = nll + perceptual_weight_at(step, self.cfg.loss.perceptual_weight,
+                                             self.cfg.loss.perceptual_warmup) * p_loss
             metrics["lpips"] = p_loss.detach()
         loss = nll + out.entropy_loss
         metrics["rec"] = rec_loss.detach()
         if self.plain.tokenizer.quantize is not None:
-            metrics.update({"entropy": out.entropy_loss.detach(), "codebook_usage": torch.tensor(float(out.codebook_usage))})
+            metrics.update({"entropy": out.entropy_loss.detach(),
+                            "codebook_usage": torch.tensor(float(out.codebook_usage))})
         if out.alignment is not None:
             align = alignment_loss(out.alignment.float(), self.teachers[self.cfg.alignment.teacher](images))
             loss = loss + self.cfg.alignment.weight * align

@@ -17,8 +17,14 @@ from ctok.hub import load_weights, read_weights, resolve
 from ctok.losses.alignment import alignment_projection
 from ctok.models.auxiliary_decoders import AuxiliaryDecoders
 from ctok.models.discriminators import DinoDiscriminator, PatchGANDiscriminator
-from ctok.models.teachers import (VGG16, FrozenViTFeatures, WeightsRequest, create_vit, feature_teacher,
-                                  load_pretrained_encoder)
+from ctok.models.teachers import (
+    VGG16,
+    FrozenViTFeatures,
+    WeightsRequest,
+    create_vit,
+    feature_teacher,
+    load_pretrained_encoder,
+)
 from ctok.models.tokenizer import Tokenizer, TokenizerConfig
 from ctok.training.tokenizer_config import GANSection, TokenizerTrainConfig
 
