@@ -8,6 +8,7 @@ original and the mutated line, the form docs/testing.md records them in.
 
     python scripts/mutation_report.py              # plain text
     python scripts/mutation_report.py --markdown   # the tables for docs/testing.md
+    python scripts/mutation_report.py --json       # the same, for other tools
 
 Run from the repository root, after ``mutmut run``; it only reads.
 """
@@ -24,7 +25,10 @@ from pathlib import Path
 
 import libcst as cst
 from mutmut.mutation.diff_apply import (
-    get_diff_for_mutant, read_functions_from_index, read_mutants_module, read_original_function,
+    get_diff_for_mutant,
+    read_functions_from_index,
+    read_mutants_module,
+    read_original_function,
 )
 from mutmut.stats import status_by_exit_code
 
@@ -122,6 +126,7 @@ def score(c: Counter) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--markdown", action="store_true", help="markdown tables instead of plain text")
+    ap.add_argument("--json", action="store_true", help="the scores and the mutants not killed as JSON")
     ap.add_argument("--root", type=Path, default=Path("."), help="repository root (holds mutants/)")
     args = ap.parse_args(argv)
     os.chdir(args.root)  # mutmut's helpers read mutants/ relative to the working directory
@@ -131,6 +136,11 @@ def main(argv=None) -> int:
         return 1
     rows, survivors = collect(args.root)
     total = sum(rows.values(), Counter())
+    if args.json:
+        scores = {name: {**{k: c[k] for k in COLUMNS}, "score": round(score(c), 1)} for name, c in rows.items()}
+        json.dump({"modules": scores, "not_killed": survivors}, sys.stdout, indent=1, ensure_ascii=False)
+        print()
+        return 0
     head = ("module", "mutants", *COLUMNS, "score")
 
     def cells(name, c):
@@ -163,7 +173,8 @@ def main(argv=None) -> int:
         if args.markdown:
             def code(text):
                 return "`" + text.replace("|", "\\|").replace("`", "'") + "`" if text else ""
-            print(f"| {s['line'] or '?'} | {s['function']} | {s['status']} | {code(orig)} | {code(mut)} | {mutant_id} |")
+            print(f"| {s['line'] or '?'} | {s['function']} | {s['status']} | "
+                  f"{code(orig)} | {code(mut)} | {mutant_id} |")
         else:
             print(f"  {s['file']}:{s['line'] or '?'} {s['function']} [{s['status']}, mutant {mutant_id}]")
             print(f"      - {orig}")
