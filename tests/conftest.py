@@ -41,6 +41,18 @@ def conformance_model(name: str, model_class):
     return model.eval(), io
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: on a shared 2-core CPU, extra threads only wait
+    for each other (7-10x slower). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def conformance_dir(tmp_path_factory):
     """Every conformance case written as a hub-style checkpoint folder (config.json + model.safetensors)."""

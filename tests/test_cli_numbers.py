@@ -32,14 +32,7 @@ from ctok.training.sharding import BatchRandom, BatchSplit, derived_seed
 from test_evaluate import TinyFeatures, direct_features, smooth_images
 from test_latent_cache import TINY_TOKENIZER, RandomImages
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a shared CPU, extra torch threads only wait for each other (7x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- ctok generate ----------------------------------------------------------------------------

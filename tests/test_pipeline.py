@@ -23,12 +23,7 @@ from ctok.sampling.noise import image_generators
 STATS = LatentStats(0.5, 1.5, "test")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
