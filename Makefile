@@ -40,11 +40,11 @@ clean:
 	rm -rf $(VENV) demo-out .pytest_cache
 
 # Mutation testing of the core modules against their fast tests; scope and settings are
-# [tool.mutmut] in pyproject.toml, the last scores docs/testing.md. 30-40 minutes on 2 cores.
+# [tool.mutmut] in pyproject.toml, the last scores docs/testing.md. About an hour on 2 busy cores.
 # Torch single-threaded in MUTATION_JOBS forked workers (OpenMP after fork can hang). Each run
 # starts from an empty mutants/: mutmut would keep an old survivor's verdict after tests change.
 # MUTATION_TEST_BUDGET_S: a mutant runs the fastest of its tests that fit in this many recorded
-# seconds (scripts/mutation_order.py); 0 runs all of them, twice as long.
+# seconds (scripts/mutation_order.py); 0 runs all of them (hub.py's mutants then take a minute each).
 MUTMUT := mutmut==3.8.1
 MUTATION_JOBS ?= 2
 MUTATION_TEST_BUDGET_S ?= 5
