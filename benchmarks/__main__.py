@@ -17,7 +17,7 @@ from benchmarks.latent_caching import latent_caching
 from benchmarks.measure import Gemm, copy_rate, machine, throughput
 from benchmarks.sampler_overhead import sampler_overhead
 from ctok.models.diffusion_transformer import build_preset as build_generator
-from ctok.models.tokenizer import build_preset as build_tokenizer
+from ctok.models.tokenizer import build_tokenizer
 from ctok.training.masking import random_patch_mask
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ctok.data import open_images
 from ctok.latent_cache import build_latent_cache
-from ctok.models.tokenizer import Tokenizer, build_preset
+from ctok.models.tokenizer import Tokenizer, build_tokenizer
 from ctok.training.config import build_config
 from ctok.training.distributed import init_distributed
 from ctok.training.generator import SiTTrainConfig, train_generator
@@ -57,7 +57,7 @@ def latent_caching(device: str | torch.device = "cpu", quick: bool = False) -> d
     gpu = device.type == "cuda"
     torch.manual_seed(0)
     if gpu:
-        tokenizer, tokenizer_name = build_preset("maetok-b-128"), "maetok-b-128 (random weights)"
+        tokenizer, tokenizer_name = build_tokenizer("maetok-b-128"), "maetok-b-128 (random weights)"
         model = {"preset": "SiT-XL/1"}
         batch, images, workers = 64, 512, 8
     else:

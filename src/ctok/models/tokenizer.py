@@ -378,6 +378,3 @@ def build_tokenizer(name: str, **overrides) -> Tokenizer:
     return Tokenizer.from_config(preset_config(name, **overrides))
 
 
-# The name benchmarks/ imports it by.
-build_preset = build_tokenizer
-
