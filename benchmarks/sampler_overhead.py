@@ -81,7 +81,7 @@ def sampler_overhead(device: str | torch.device = "cpu", quick: bool = False) ->
     result = {"device": str(device), "batch": batch, "steps": steps, "latents": "128x32"}
     settings = {
         "sit": dict(solver="euler-maruyama", cfg_scale=1.9, guidance_interval=(0.0, 0.75)),
-        "dit": dict(sampler="ddpm", noise_schedule="cosine", cfg_scale=1.75),
+        "dit": dict(solver="ddpm", noise_schedule="cosine", cfg_scale=1.75),
     }
     for kind, sampler in (("sit", sample_sit), ("dit", sample_dit)):
         name = f"{'SiT' if kind == 'sit' else 'DiT'}-{size}/1"

@@ -107,7 +107,7 @@ def test_generate_defaults_are_the_library_defaults(generators, model):
     ("sit_small", ("--seed", "7"), dict(seed=7)),
     ("dit_small", ("--cfg-scale", "3"), dict(cfg_scale=3.0)),
     ("dit_small", ("--steps", "4"), dict(num_steps=4)),
-    ("dit_small", ("--solver", "ddim"), dict(sampler="ddim")),
+    ("dit_small", ("--solver", "ddim"), dict(solver="ddim")),
     ("dit_small", ("--noise-schedule", "linear"), dict(noise_schedule="linear")),
     ("dit_small", ("--seed", "7"), dict(seed=7)),
 ], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)

@@ -79,7 +79,7 @@ def test_dit_run_with_chosen_labels(conformance_dir, tmp_path):
     expected = expected_images(conformance_dir / "maetok_small", conformance_dir / "dit_small", load_dit, sample_dit,
                                [0, 1, 2], seed=0, labels=[7, 1000, 7], num_steps=5, cfg_scale=2.0)
     assert np.array_equal(npz_images(out), expected)
-    assert json.loads((out / "generate.json").read_text())["sampler"] == "ddpm"
+    assert json.loads((out / "generate.json").read_text())["solver"] == "ddpm"
 
 
 def test_default_labels_are_class_balanced():
@@ -145,7 +145,7 @@ def test_resuming_with_other_settings_is_refused(conformance_dir, tmp_path, caps
     ((), "sit_small", "softvq_small",
      "the SIT generates 16 tokens x 8 channels but the tokenizer decodes 8 tokens x 8"),
     ((), "maetok_small", "maetok_small", "is a tokenizer; pass a SiT or DiT checkpoint"),
-    (("--solver", "ddim"), "sit_small", "maetok_small", "solver 'ddim' is a DiT sampler"),
+    (("--solver", "ddim"), "sit_small", "maetok_small", "solver 'ddim' is a DiT solver"),
     (("--guidance-interval", "0", "0.5"), "dit_small", "maetok_small", "guidance_interval applies to SiT only"),
     (("--noise-schedule", "linear"), "sit_small", "maetok_small", "noise_schedule applies to DiT only"),
     (("--num-images", "0"), "sit_small", "maetok_small", "--num-images must be at least 1"),

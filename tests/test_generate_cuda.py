@@ -67,8 +67,8 @@ def test_samplers_on_cuda_agree_with_the_cpu():
         gpu_out = sample_sit(sit.to(cuda), noise.to(cuda), labels.to(cuda), num_steps=10, solver=solver, cfg_scale=2.0)
         torch.testing.assert_close(gpu_out.cpu(), cpu_out, rtol=1e-4, atol=1e-4)
         sit.cpu()
-    cpu_out = sample_dit(dit, noise, labels, num_steps=10, sampler="ddim", cfg_scale=2.0)
-    gpu_out = sample_dit(dit.to(cuda), noise.to(cuda), labels.to(cuda), num_steps=10, sampler="ddim", cfg_scale=2.0)
+    cpu_out = sample_dit(dit, noise, labels, num_steps=10, solver="ddim", cfg_scale=2.0)
+    gpu_out = sample_dit(dit.to(cuda), noise.to(cuda), labels.to(cuda), num_steps=10, solver="ddim", cfg_scale=2.0)
     torch.testing.assert_close(gpu_out.cpu(), cpu_out, rtol=1e-4, atol=1e-4)
     # The stochastic samplers draw from per-sample CUDA generators.
     gens = [torch.Generator(cuda).manual_seed(i) for i in range(6)]

@@ -194,11 +194,11 @@ def test_sampler_arguments_fill_defaults_and_read_the_recorded_schedule(trained,
     assert dit.sampler_arguments()["noise_schedule"] == "linear"
     assert dit.sampler_arguments(noise_schedule="cosine")["noise_schedule"] == "cosine"
     released = load_pipeline(tokenizer_dir, conformance_dir / "dit_small")
-    assert released.sampler_arguments() == dict(num_steps=250, sampler="ddpm", noise_schedule="cosine", cfg_scale=1.0)
+    assert released.sampler_arguments() == dict(num_steps=250, solver="ddpm", noise_schedule="cosine", cfg_scale=1.0)
 
 
 @pytest.mark.parametrize("kind, kwargs, message", [
-    ("sit", dict(solver="ddim"), "solver 'ddim' is a DiT sampler"),
+    ("sit", dict(solver="ddim"), "solver 'ddim' is a DiT solver"),
     ("sit", dict(solver="rk4"), "solver 'rk4' is unknown"),
     ("dit", dict(solver="heun"), "solver 'heun' is a SiT solver"),
     ("dit", dict(guidance_interval=(0, 0.5)), "guidance_interval applies to SiT only"),

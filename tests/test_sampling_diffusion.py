@@ -102,7 +102,7 @@ def test_respacing_keeps_the_cumulative_alphas_of_the_kept_steps(schedule):
 
 def test_ddim_matches_the_original(dit_small):
     model, io = dit_small
-    out = sample_dit(model, io["noise"], io["labels"], num_steps=10, sampler="ddim", noise_schedule="cosine")
+    out = sample_dit(model, io["noise"], io["labels"], num_steps=10, solver="ddim", noise_schedule="cosine")
     assert_conforms(out, io["ddim_10_cosine"], "ddim_10_cosine")
 
 
@@ -119,7 +119,7 @@ def test_ddim_follows_the_exact_trajectory_of_a_point_mass(schedule, steps, cfg)
     labels = torch.tensor([1, 2])
     means = means.double()
     target = means[3] + cfg * (means[labels] - means[3]) if cfg > 1 else means[labels]
-    out = sample_dit(model, noise, labels, num_steps=steps, sampler="ddim", noise_schedule=schedule, cfg_scale=cfg)
+    out = sample_dit(model, noise, labels, num_steps=steps, solver="ddim", noise_schedule=schedule, cfg_scale=cfg)
 
     abar = alpha_bar_1000(schedule)
     assert [t for t, _ in model.seen] == space_timesteps(1000, steps)[::-1]
@@ -159,7 +159,7 @@ def test_guided_ddpm_with_learned_variance_matches_a_hand_unrolled_chain(dit_sma
         if i > 0:
             x = x + torch.exp(0.5 * log_var) * torch.randn(x.shape, generator=stream).double()
 
-    out = sample_dit(model, io["noise"], y, num_steps=3, sampler="ddpm", cfg_scale=1.75,
+    out = sample_dit(model, io["noise"], y, num_steps=3, solver="ddpm", cfg_scale=1.75,
                      generator=torch.Generator().manual_seed(3))
     assert_conforms(out, x, "guided ddpm, 3 steps")
 
@@ -193,7 +193,7 @@ def test_a_dit_is_guided_at_every_step_the_first_and_last_included(sampler, eta)
     labels = torch.tensor([0, 1, 2])
 
     def sample(model, cfg_scale):
-        return sample_dit(model, noise, labels, num_steps=4, sampler=sampler, eta=eta, cfg_scale=cfg_scale,
+        return sample_dit(model, noise, labels, num_steps=4, solver=sampler, eta=eta, cfg_scale=cfg_scale,
                           generator=torch.Generator().manual_seed(8))
 
     expected = sample(GuidedEveryForward(model, 3.0), 1.0)
@@ -259,7 +259,7 @@ def test_a_model_trained_on_fewer_steps_is_sampled_on_its_own_process():
     model = GaussianDenoiser(torch.randn(3, 4, 2), std=0.0, schedule="linear")
     model.abar = torch.from_numpy(np.cumprod(1 - np.linspace(1e-3, 0.2, 100)))
     noise = torch.randn(2, 4, 2, dtype=torch.float64)
-    out = sample_dit(model, noise, torch.tensor([0, 1]), num_steps=100, sampler="ddim", noise_schedule="linear",
+    out = sample_dit(model, noise, torch.tensor([0, 1]), num_steps=100, solver="ddim", noise_schedule="linear",
                      diffusion_steps=100)
     assert [t for t, _ in model.seen] == list(range(99, -1, -1))
     torch.testing.assert_close(out, model.means[:2], rtol=1e-9, atol=1e-9)
@@ -271,9 +271,9 @@ def test_ddim_with_eta_one_is_ddpm_with_the_posterior_variance():
     model = GaussianDenoiser(torch.randn(3, 4, 2), std=0.5, schedule="cosine", variance=-1.0)
     noise = torch.randn(5, 4, 2, dtype=torch.float64)
     labels = torch.tensor([0, 1, 0, 1, 1])
-    ddim = sample_dit(model, noise, labels, num_steps=20, sampler="ddim", eta=1.0,
+    ddim = sample_dit(model, noise, labels, num_steps=20, solver="ddim", eta=1.0,
                       generator=torch.Generator().manual_seed(9))
-    ddpm = sample_dit(model, noise, labels, num_steps=20, sampler="ddpm", generator=torch.Generator().manual_seed(9))
+    ddpm = sample_dit(model, noise, labels, num_steps=20, solver="ddpm", generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
 
 
@@ -281,10 +281,10 @@ def test_ddim_with_eta_draws_from_each_samples_own_stream():
     model = GaussianDenoiser(torch.randn(3, 4, 2), std=0.5, schedule="cosine")
     noise = torch.randn(3, 4, 2, dtype=torch.float64)
     labels = torch.tensor([0, 1, 0])
-    kwargs = dict(num_steps=10, sampler="ddim", eta=1.0)
+    kwargs = dict(num_steps=10, solver="ddim", eta=1.0)
     batch = sample_dit(model, noise, labels, generator=[torch.Generator().manual_seed(s) for s in (4, 5, 6)], **kwargs)
     alone = sample_dit(model, noise[1:2], labels[1:2], generator=[torch.Generator().manual_seed(5)], **kwargs)
-    deterministic = sample_dit(model, noise[1:2], labels[1:2], num_steps=10, sampler="ddim")
+    deterministic = sample_dit(model, noise[1:2], labels[1:2], num_steps=10, solver="ddim")
     assert torch.equal(batch[1:2], alone)
     assert not torch.allclose(alone, deterministic)
 
@@ -293,7 +293,7 @@ def test_sampler_arguments_are_checked(dit_small):
     model, io = dit_small
     noise, labels = io["noise"], io["labels"]
     for kwargs, message in [
-        (dict(sampler="plms"), "sampler must be one of"),
+        (dict(solver="plms"), "solver must be one of"),
         (dict(noise_schedule="sqrt"), "noise_schedule must be one of"),
         (dict(eta=0.5), "eta applies to DDIM only"),
         (dict(num_steps=1001), "at most the 1000 training steps"),

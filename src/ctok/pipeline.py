@@ -20,8 +20,10 @@ import torch
 from ctok.hub import load_dit, load_sit, load_tokenizer, model_kind, read_config, resolve
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT
 from ctok.models.tokenizer import Tokenizer
-from ctok.sampling.flow import SOLVERS, sample_sit
-from ctok.sampling.gaussian_diffusion import SAMPLERS, sample_dit
+from ctok.sampling.flow import SOLVERS as SIT_SOLVERS
+from ctok.sampling.flow import sample_sit
+from ctok.sampling.gaussian_diffusion import SOLVERS as DIT_SOLVERS
+from ctok.sampling.gaussian_diffusion import sample_dit
 from ctok.sampling.noise import image_generators
 from ctok.uint8 import to_uint8_truncate as to_uint8
 
@@ -106,19 +108,19 @@ class LatentPipeline:
             if noise_schedule is not None:
                 raise ValueError("noise_schedule applies to DiT only; a SiT integrates a flow")
             solver = solver or "euler-maruyama"
-            if solver not in SOLVERS:
-                what = "a DiT sampler" if solver in SAMPLERS else "unknown"
-                raise ValueError(f"solver {solver!r} is {what}; a SiT takes one of {SOLVERS}")
+            if solver not in SIT_SOLVERS:
+                what = "a DiT solver" if solver in DIT_SOLVERS else "unknown"
+                raise ValueError(f"solver {solver!r} is {what}; a SiT takes one of {SIT_SOLVERS}")
             interval = tuple(float(t) for t in guidance_interval) if guidance_interval is not None else (0.0, 1.0)
             return dict(num_steps=num_steps, solver=solver, cfg_scale=cfg_scale, guidance_interval=interval)
         if guidance_interval is not None:
             raise ValueError("guidance_interval applies to SiT only; a DiT is guided at every step")
         solver = solver or "ddpm"
-        if solver not in SAMPLERS:
-            what = "a SiT solver" if solver in SOLVERS else "unknown"
-            raise ValueError(f"solver {solver!r} is {what}; a DiT takes one of {SAMPLERS}")
+        if solver not in DIT_SOLVERS:
+            what = "a SiT solver" if solver in SIT_SOLVERS else "unknown"
+            raise ValueError(f"solver {solver!r} is {what}; a DiT takes one of {DIT_SOLVERS}")
         schedule = noise_schedule or self.generator.config.noise_schedule or "cosine"
-        return dict(num_steps=num_steps, sampler=solver, noise_schedule=schedule, cfg_scale=cfg_scale)
+        return dict(num_steps=num_steps, solver=solver, noise_schedule=schedule, cfg_scale=cfg_scale)
 
     def generate(self, labels: Sequence[int] | torch.Tensor, *, num_steps: int = 250, solver: str | None = None,
                  cfg_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,

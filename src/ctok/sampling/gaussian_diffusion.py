@@ -23,7 +23,7 @@ from ctok.sampling.flow import Labels, check_guidance, check_sampler_inputs, mod
 from ctok.sampling.noise import Generators, check_generators, randn
 
 SCHEDULES = ("linear", "cosine")
-SAMPLERS = ("ddpm", "ddim")
+SOLVERS = ("ddpm", "ddim")
 
 
 def beta_schedule(name: str, num_timesteps: int = 1000) -> np.ndarray:
@@ -190,7 +190,7 @@ def sample_dit(
     noise: torch.Tensor,
     labels: Labels,
     num_steps: int = 250,
-    sampler: str = "ddpm",
+    solver: str = "ddpm",
     noise_schedule: str = "cosine",
     cfg_scale: float = 1.0,
     eta: float = 0.0,
@@ -211,7 +211,7 @@ def sample_dit(
         labels: (B,) class ids, a tensor or a list of ints; the null class ``model.num_classes``
             samples unconditionally.
         num_steps: respaced steps (one model evaluation each; twice the batch when guided).
-        sampler: ``"ddpm"`` (ancestral, with the model's learned variance) or ``"ddim"``.
+        solver: ``"ddpm"`` (ancestral, with the model's learned variance) or ``"ddim"``.
         noise_schedule: the schedule the model was trained with, ``"cosine"`` or ``"linear"``.
         cfg_scale: guidance scale s on the predicted noise, ``eps_null + s (eps_label - eps_null)``;
             the variance channels are the label's. 1 disables guidance.
@@ -224,10 +224,10 @@ def sample_dit(
         x_0, (B, N, D), normalised, in the dtype of ``noise``.
     """
     labels = check_sampler_inputs(model, "dit", noise, labels, num_steps)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if sampler == "ddpm" and eta != 0.0:
-        raise ValueError(f"eta applies to DDIM only; got eta={eta} with sampler 'ddpm'")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if solver == "ddpm" and eta != 0.0:
+        raise ValueError(f"eta applies to DDIM only; got eta={eta} with solver 'ddpm'")
     if eta < 0.0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     check_guidance(model, cfg_scale)
@@ -258,7 +258,7 @@ def sample_dit(
                    - float(diffusion.sqrt_recipm1_alphas_cumprod[i]) * eps)
         abar, abar_prev = float(diffusion.alphas_cumprod[i]), float(diffusion.alphas_cumprod_prev[i])
 
-        if sampler == "ddim":
+        if solver == "ddim":
             sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar)) * math.sqrt(1 - abar / abar_prev)
             x = math.sqrt(abar_prev) * pred_x0 + math.sqrt(1 - abar_prev - sigma**2) * eps
             if i > 0 and sigma > 0:

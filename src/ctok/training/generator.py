@@ -260,7 +260,7 @@ class DiffusionTask(GeneratorTask):
     def sample_images(self, step: int) -> torch.Tensor:
         noise, labels = self.sample_noise()
         z = sample_dit(self.ema, noise, labels, num_steps=min(self.samples.steps, 1000),
-                       sampler="ddpm", noise_schedule=self.settings.schedule, cfg_scale=self.samples.cfg_scale,
+                       solver="ddpm", noise_schedule=self.settings.schedule, cfg_scale=self.samples.cfg_scale,
                        generator=torch.Generator(device=noise.device).manual_seed(self.samples.seed + 1))
         return self.decode(z)
 
