@@ -253,51 +253,82 @@ def sample_sit(
     if path_type is None:
         path_type = getattr(getattr(model, "config", None), "path_type", "linear")
     path = FlowPath(path_type)
-    check_guidance(model, cfg_scale)
-    low, high = (float(v) for v in guidance_interval)
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got ({low}, {high})")
-    batch = noise.shape[0]
-    check_generators(generator, batch, noise.device)
-
-    dtype = model_dtype(model)
-    stacked_labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
-
-    def guided(t: float) -> bool:
-        return cfg_scale > 1.0 and low <= t <= high
-
-    def velocity(x: torch.Tensor, t: float, guide: bool) -> torch.Tensor:
-        if not guide:
-            time = torch.full((batch,), t, dtype=dtype, device=x.device)
-            return model(x.to(dtype), time, labels).to(torch.float64)
-        time = torch.full((2 * batch,), t, dtype=dtype, device=x.device)
-        cond, uncond = model(torch.cat([x, x]).to(dtype), time, stacked_labels).to(torch.float64).chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
-
+    check_generators(generator, noise.shape[0], noise.device)
+    velocity = GuidedVelocity(model, labels, cfg_scale, guidance_interval)
     x = noise.to(torch.float64)
+    steps = tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False)
     if solver == "euler-maruyama":
-        # num_steps - 1 stochastic steps from 1 to SDE_LAST_TIME, then one deterministic step to 0.
-        times = torch.linspace(1.0, SDE_LAST_TIME, num_steps, dtype=torch.float64).tolist() + [0.0]
-        for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
-            t_cur, t_next = times[i], times[i + 1]
-            dt = t_next - t_cur
-            a, b = path.sde_drift(t_cur)
-            drift = a * velocity(x, t_cur, guided(t_cur)) + b * x
-            if i == num_steps - 1:
-                x = x + dt * drift
-            else:
-                dw = randn(x.shape, generator, x.device, x.dtype) * math.sqrt(abs(dt))
-                x = x + dt * drift + path.sde_diffusion(t_cur) * dw
+        x = _integrate_sde(velocity, path, x, steps, generator)
     else:
-        times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
-        for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
-            t_cur, t_next = times[i], times[i + 1]
-            guide = guided(t_cur)
-            slope = velocity(x, t_cur, guide)
-            x_next = x + (t_next - t_cur) * slope
-            if solver == "heun" and i < num_steps - 1:
-                # The corrector keeps the guidance decision of t_cur, as the original does.
-                slope_next = velocity(x_next, t_next, guide)
-                x_next = x + (t_next - t_cur) * (0.5 * slope + 0.5 * slope_next)
-            x = x_next
+        x = _integrate_ode(velocity, x, steps, heun=solver == "heun")
     return x.to(noise.dtype)
+
+
+class GuidedVelocity:
+    """A SiT's velocity in float64, with classifier-free guidance inside the guidance interval.
+
+    Guided, the label and the null class go through the model as one stacked batch and their
+    velocities are mixed as ``v_null + s (v_label - v_null)``; outside the interval (or with s = 1)
+    a single unguided forward is made.
+    """
+
+    def __init__(self, model: torch.nn.Module, labels: torch.Tensor, cfg_scale: float,
+                 guidance_interval: tuple[float, float]):
+        check_guidance(model, cfg_scale)
+        low, high = (float(v) for v in guidance_interval)
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got ({low}, {high})")
+        self.model, self.labels, self.cfg_scale, self.low, self.high = model, labels, cfg_scale, low, high
+        self.stacked_labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
+        self.dtype = model_dtype(model)
+
+    def guided(self, t: float) -> bool:
+        """Whether the step that starts at time ``t`` is guided."""
+        return self.cfg_scale > 1.0 and self.low <= t <= self.high
+
+    def __call__(self, x: torch.Tensor, t: float, guide: bool) -> torch.Tensor:
+        """The velocity at latents x (float64) and time t, guided or not as ``guide`` says."""
+        batch = x.shape[0]
+        if not guide:
+            time = torch.full((batch,), t, dtype=self.dtype, device=x.device)
+            return self.model(x.to(self.dtype), time, self.labels).to(torch.float64)
+        time = torch.full((2 * batch,), t, dtype=self.dtype, device=x.device)
+        both = self.model(torch.cat([x, x]).to(self.dtype), time, self.stacked_labels)
+        cond, uncond = both.to(torch.float64).chunk(2)
+        return uncond + self.cfg_scale * (cond - uncond)
+
+
+def _integrate_ode(velocity: GuidedVelocity, x: torch.Tensor, steps, heun: bool) -> torch.Tensor:
+    """Euler or Heun steps of ``dx = v dt`` over equal steps from t = 1 to 0."""
+    num_steps = len(steps)
+    times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+    for i in steps:
+        t_cur, t_next = times[i], times[i + 1]
+        guide = velocity.guided(t_cur)
+        slope = velocity(x, t_cur, guide)
+        x_next = x + (t_next - t_cur) * slope
+        if heun and i < num_steps - 1:
+            # The corrector keeps the guidance decision of t_cur, as the original does.
+            slope_next = velocity(x_next, t_next, guide)
+            x_next = x + (t_next - t_cur) * (0.5 * slope + 0.5 * slope_next)
+        x = x_next
+    return x
+
+
+def _integrate_sde(velocity: GuidedVelocity, path: FlowPath, x: torch.Tensor, steps,
+                   generator: Generators) -> torch.Tensor:
+    """Euler-Maruyama on the reverse SDE: ``num_steps - 1`` stochastic steps from 1 to
+    :data:`SDE_LAST_TIME`, then one deterministic step to 0."""
+    num_steps = len(steps)
+    times = torch.linspace(1.0, SDE_LAST_TIME, num_steps, dtype=torch.float64).tolist() + [0.0]
+    for i in steps:
+        t_cur, t_next = times[i], times[i + 1]
+        dt = t_next - t_cur
+        a, b = path.sde_drift(t_cur)
+        drift = a * velocity(x, t_cur, velocity.guided(t_cur)) + b * x
+        if i == num_steps - 1:
+            x = x + dt * drift
+        else:
+            dw = randn(x.shape, generator, x.device, x.dtype) * math.sqrt(abs(dt))
+            x = x + dt * drift + path.sde_diffusion(t_cur) * dw
+    return x

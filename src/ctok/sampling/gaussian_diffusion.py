@@ -231,48 +231,69 @@ def sample_dit(
     if eta < 0.0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     check_guidance(model, cfg_scale)
-    batch = noise.shape[0]
-    check_generators(generator, batch, noise.device)
+    check_generators(generator, noise.shape[0], noise.device)
     if num_steps > diffusion_steps:
         raise ValueError(f"num_steps must be at most the {diffusion_steps} training steps, got {num_steps}")
     diffusion = GaussianDiffusion(noise_schedule, diffusion_steps, respacing=num_steps)
-
-    dtype = model_dtype(model)
-    channels = noise.shape[-1]
-    guided = cfg_scale > 1.0
-    model_labels = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
-
     x = noise
     for i in tqdm(reversed(range(diffusion.num_timesteps)), total=diffusion.num_timesteps, desc="sampling",
                   disable=not progress, leave=False):
-        time = torch.full((model_labels.shape[0],), diffusion.timestep_map[i], dtype=torch.long, device=x.device)
-        out = model((torch.cat([x, x]) if guided else x).to(dtype), time, model_labels).to(x.dtype)
-        if out.shape[-1] not in (channels, 2 * channels):
-            raise ValueError(f"model output has {out.shape[-1]} channels; expected {channels} or {2 * channels}")
-        if guided:
-            cond, uncond = out.chunk(2)
-            eps = uncond[..., :channels] + cfg_scale * (cond[..., :channels] - uncond[..., :channels])
-            out = torch.cat([eps, cond[..., channels:]], dim=-1)
-        eps = out[..., :channels]
-        pred_x0 = (float(diffusion.sqrt_recip_alphas_cumprod[i]) * x
-                   - float(diffusion.sqrt_recipm1_alphas_cumprod[i]) * eps)
-        abar, abar_prev = float(diffusion.alphas_cumprod[i]), float(diffusion.alphas_cumprod_prev[i])
-
+        out = _guided_output(model, x, diffusion.timestep_map[i], labels, cfg_scale)
         if solver == "ddim":
-            sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar)) * math.sqrt(1 - abar / abar_prev)
-            x = math.sqrt(abar_prev) * pred_x0 + math.sqrt(1 - abar_prev - sigma**2) * eps
-            if i > 0 and sigma > 0:
-                x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
-            continue
-
-        x = float(diffusion.posterior_mean_coef1[i]) * pred_x0 + float(diffusion.posterior_mean_coef2[i]) * x
-        if i > 0:
-            if out.shape[-1] == 2 * channels:
-                frac = (out[..., channels:] + 1) / 2
-                log_var = (frac * float(diffusion.log_betas[i])
-                           + (1 - frac) * float(diffusion.posterior_log_variance_clipped[i]))
-                std = torch.exp(0.5 * log_var)
-            else:
-                std = math.exp(0.5 * float(diffusion.fixed_log_variance[i]))
-            x = x + std * randn(x.shape, generator, x.device, x.dtype)
+            x = _ddim_step(diffusion, i, x, out, eta, generator)
+        else:
+            x = _ddpm_step(diffusion, i, x, out, generator)
     return x
+
+
+def _guided_output(model: torch.nn.Module, x: torch.Tensor, timestep: int, labels: torch.Tensor,
+                   cfg_scale: float) -> torch.Tensor:
+    """The DiT's output at x and one timestep, in x's dtype; guided, the noise channels are
+    ``eps_null + s (eps_label - eps_null)`` and the variance channels are the label's."""
+    channels = x.shape[-1]
+    guided = cfg_scale > 1.0
+    model_labels = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
+    time = torch.full((model_labels.shape[0],), timestep, dtype=torch.long, device=x.device)
+    out = model((torch.cat([x, x]) if guided else x).to(model_dtype(model)), time, model_labels).to(x.dtype)
+    if out.shape[-1] not in (channels, 2 * channels):
+        raise ValueError(f"model output has {out.shape[-1]} channels; expected {channels} or {2 * channels}")
+    if not guided:
+        return out
+    cond, uncond = out.chunk(2)
+    eps = uncond[..., :channels] + cfg_scale * (cond[..., :channels] - uncond[..., :channels])
+    return torch.cat([eps, cond[..., channels:]], dim=-1)
+
+
+def _predicted_x0(diffusion: GaussianDiffusion, i: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    return float(diffusion.sqrt_recip_alphas_cumprod[i]) * x - float(diffusion.sqrt_recipm1_alphas_cumprod[i]) * eps
+
+
+def _ddim_step(diffusion: GaussianDiffusion, i: int, x: torch.Tensor, out: torch.Tensor, eta: float,
+               generator: Generators) -> torch.Tensor:
+    """One DDIM step from respaced step i to i - 1; noise is added only when eta > 0."""
+    eps = out[..., :x.shape[-1]]
+    pred_x0 = _predicted_x0(diffusion, i, x, eps)
+    abar, abar_prev = float(diffusion.alphas_cumprod[i]), float(diffusion.alphas_cumprod_prev[i])
+    sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar)) * math.sqrt(1 - abar / abar_prev)
+    x = math.sqrt(abar_prev) * pred_x0 + math.sqrt(1 - abar_prev - sigma**2) * eps
+    if i > 0 and sigma > 0:
+        x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
+    return x
+
+
+def _ddpm_step(diffusion: GaussianDiffusion, i: int, x: torch.Tensor, out: torch.Tensor,
+               generator: Generators) -> torch.Tensor:
+    """One ancestral step: the posterior mean, plus noise at the learned variance (interpolated between
+    the posterior's and beta_t's log-variance) or, without learned sigma, the fixed one."""
+    channels = x.shape[-1]
+    pred_x0 = _predicted_x0(diffusion, i, x, out[..., :channels])
+    x_prev = float(diffusion.posterior_mean_coef1[i]) * pred_x0 + float(diffusion.posterior_mean_coef2[i]) * x
+    if i == 0:
+        return x_prev
+    if out.shape[-1] == 2 * channels:
+        frac = (out[..., channels:] + 1) / 2
+        log_var = frac * float(diffusion.log_betas[i]) + (1 - frac) * float(diffusion.posterior_log_variance_clipped[i])
+        std = torch.exp(0.5 * log_var)
+    else:
+        std = math.exp(0.5 * float(diffusion.fixed_log_variance[i]))
+    return x_prev + std * randn(x.shape, generator, x.device, x.dtype)
