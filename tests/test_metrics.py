@@ -169,8 +169,48 @@ def test_precision_recall_matches_brute_force_knn(block_size):
     fake = np.concatenate([rng.standard_normal((30, 5)) * 0.5, rng.standard_normal((25, 5)) * 2 + 2])
     expected = brute_force_precision_recall(real, fake, k=3)
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # a case where both sides matter
-    got = precision_recall(torch.tensor(real), torch.tensor(fake), k=3, block_size=block_size, device="cpu")
+    got = precision_recall(torch.tensor(real), torch.tensor(fake), k=3, block_size=block_size, adm_fp16=False,
+                           device="cpu")
     assert got == pytest.approx(expected, abs=1e-12)
+
+
+def adm_fp16_precision_recall(real, fake, k):
+    """ADM's arithmetic written with numpy: every step of a distance block rounded to float16 (sums and
+    the matmul accumulated in float32 first), a block with inf/NaN redone in float32, radii and
+    comparisons in float32."""
+    h, f = np.float16, np.float32
+
+    @np.errstate(over="ignore", invalid="ignore")
+    def block(u, v):
+        u16, v16 = u.astype(h), v.astype(h)
+        nu = (u16 * u16).astype(f).sum(1).astype(h)[:, None]
+        nv = (v16 * v16).astype(f).sum(1).astype(h)[None, :]
+        dot = (u16.astype(f) @ v16.astype(f).T).astype(h)
+        d = np.maximum((nu - h(2) * dot).astype(h) + nv, h(0)).astype(h)
+        if np.isfinite(d).all():
+            return d.astype(f)
+        u, v = u.astype(f), v.astype(f)
+        return np.maximum((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)[None, :], 0)
+
+    r_real = np.sort(block(real, real), axis=1)[:, k]
+    r_fake = np.sort(block(fake, fake), axis=1)[:, k]
+    d = block(real, fake)
+    return (d <= r_real[:, None]).any(0).mean(), (d <= r_fake[None, :]).any(1).mean()
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: the half blocks overflow and ADM falls back to float32
+def test_precision_recall_uses_adm_half_precision_arithmetic(scale):
+    rng = np.random.default_rng(9)
+    # Many near-ties: 64-d points on a coarse grid, so half rounding decides some neighbours.
+    real = (rng.integers(0, 3, (300, 64)) + rng.standard_normal((300, 64)) * 0.05).astype(np.float32) * scale
+    fake = (rng.integers(0, 3, (200, 64)) + rng.standard_normal((200, 64)) * 0.05).astype(np.float32) * scale
+    got = precision_recall(real, fake, k=3, device="cpu")
+    assert got == adm_fp16_precision_recall(real, fake, 3)
+    full = precision_recall(real, fake, k=3, adm_fp16=False, device="cpu")
+    if scale == 1.0:
+        assert got != full  # half precision changes the answer here: the two modes are really different
+    else:
+        assert got == full
 
 
 def test_precision_recall_rejects_too_few_samples_and_mismatched_widths():
