@@ -1,33 +1,40 @@
-"""LPIPS as a metric: per-image values against the published definition, and the missing-weights error."""
+"""LPIPS as a metric, AlexNet and VGG: per-image values against the published definition, and the
+missing-weights error."""
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
-from torchvision.models import vgg
+from torchvision.models import AlexNet, vgg
 
 from ctok.metrics import lpips
-from ctok.metrics.lpips import VGG16_ENV, load_lpips_vgg
+from ctok.metrics.lpips import DEFAULT_NET, WEIGHTS_ENV, load_lpips
 
-VGG_RELU_OUTPUTS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16().features
+# Indices of the ReLUs whose outputs LPIPS compares, in torchvision's `features` of each trunk.
+RELU_OUTPUTS = {"vgg": (3, 8, 15, 22, 29), "alex": (1, 4, 7, 9, 11)}
+FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 
 
-@pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory):
-    """A VGG16 trunk with random weights, saved as torchvision names its ImageNet file's entries."""
+def make_trunk(net: str) -> torch.nn.Sequential:
+    return vgg.make_layers(vgg.cfgs["D"]) if net == "vgg" else AlexNet().features
+
+
+@pytest.fixture(scope="module", params=["alex", "vgg"])
+def trunk_file(request, tmp_path_factory):
+    """(net, path, trunk): a trunk with random weights, saved as torchvision names its ImageNet file's entries."""
     torch.manual_seed(0)
-    trunk = vgg.make_layers(vgg.cfgs["D"])
-    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    trunk = make_trunk(request.param)
+    path = tmp_path_factory.mktemp(request.param) / FILES[request.param]
     torch.save({f"features.{k}": v for k, v in trunk.state_dict().items()}, path)
-    return path, trunk.eval()
+    return request.param, path, trunk.eval()
 
 
-def lpips_by_definition(trunk, x, y):
-    """LPIPS v0.1: ImageNet-scaled inputs, unit-normalised VGG activations, calibrated channel weights."""
+def lpips_by_definition(net, trunk, x, y):
+    """LPIPS v0.1: ImageNet-scaled inputs, unit-normalised activations, calibrated channel weights."""
     import lpips as lpips_package
 
-    lins = torch.load(os.path.join(os.path.dirname(lpips_package.__file__), "weights", "v0.1", "vgg.pth"),
+    lins = torch.load(os.path.join(os.path.dirname(lpips_package.__file__), "weights", "v0.1", f"{net}.pth"),
                       map_location="cpu", weights_only=True)
     shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
     scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
@@ -36,8 +43,10 @@ def lpips_by_definition(trunk, x, y):
         h, found = (images - shift) / scale, []
         for index, layer in enumerate(trunk):
             h = layer(h)
-            if index in VGG_RELU_OUTPUTS:
+            if index in RELU_OUTPUTS[net]:
                 found.append(h / (h.square().sum(1, keepdim=True).sqrt() + 1e-10))
+            if index == RELU_OUTPUTS[net][-1]:
+                break
         return found
 
     total = 0
@@ -48,42 +57,63 @@ def lpips_by_definition(trunk, x, y):
     return total
 
 
-def test_lpips_matches_its_definition(vgg_file):
-    path, trunk = vgg_file
+def test_lpips_matches_its_definition(trunk_file):
+    net, path, trunk = trunk_file
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(3, 3, 48, 48, generator=g) * 2 - 1
-    y = (x + 0.3 * torch.randn(3, 3, 48, 48, generator=g)).clamp(-1, 1)
-    got = lpips(x, y, vgg_weights=path)
+    x = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(3, 3, 64, 64, generator=g)).clamp(-1, 1)
+    got = lpips(x, y, net=net, weights=path)
     assert got.shape == (3,)
-    torch.testing.assert_close(got, lpips_by_definition(trunk, x, y), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got, lpips_by_definition(net, trunk, x, y), rtol=1e-5, atol=1e-7)
     assert torch.all(got > 0)
-    torch.testing.assert_close(lpips(x, x, vgg_weights=path), torch.zeros(3), rtol=0, atol=1e-7)
+    torch.testing.assert_close(lpips(x, x, net=net, weights=path), torch.zeros(3), rtol=0, atol=1e-7)
 
 
-def test_network_is_reusable_frozen_and_found_through_the_environment(vgg_file, monkeypatch):
-    path, trunk = vgg_file
-    monkeypatch.setenv(VGG16_ENV, str(path))
-    net = load_lpips_vgg()
-    assert not any(p.requires_grad for p in net.parameters())
-    x = torch.linspace(-1, 1, 2 * 3 * 32 * 32).view(2, 3, 32, 32)
-    torch.testing.assert_close(lpips(x, x.flip(-1), network=net), lpips_by_definition(trunk, x, x.flip(-1)),
-                               rtol=1e-5, atol=1e-7)
+def test_the_two_variants_give_different_numbers(trunk_file):
+    net, path, _ = trunk_file
+    other = "vgg" if net == "alex" else "alex"
+    x = torch.linspace(-1, 1, 3 * 64 * 64).view(1, 3, 64, 64)
+    assert load_lpips(net, path).net == net
+    with pytest.raises(ValueError, match="must be one of"):
+        load_lpips("squeeze", path)
+    assert not torch.allclose(lpips(x, x.flip(-1), net=net, weights=path),
+                              lpips(x, x.flip(-1), net=other, weights=None, network=_random_network(other)))
 
 
-def test_missing_vgg_weights_offline_say_what_to_download_and_where(tmp_path, monkeypatch):
+def _random_network(net):
+    from ctok.losses.perceptual import LPIPSLoss
+
+    return LPIPSLoss(None, net=net)
+
+
+def test_network_is_reusable_frozen_and_found_through_the_environment(trunk_file, monkeypatch):
+    net, path, trunk = trunk_file
+    monkeypatch.setenv(WEIGHTS_ENV[net], str(path))
+    network = load_lpips(net)
+    assert not any(p.requires_grad for p in network.parameters())
+    x = torch.linspace(-1, 1, 2 * 3 * 64 * 64).view(2, 3, 64, 64)
+    torch.testing.assert_close(lpips(x, x.flip(-1), network=network),
+                               lpips_by_definition(net, trunk, x, x.flip(-1)), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_missing_weights_offline_say_what_to_download_and_where(net, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.delenv(VGG16_ENV, raising=False)
+    monkeypatch.delenv(WEIGHTS_ENV[net], raising=False)
     with pytest.raises(FileNotFoundError) as err:
-        lpips(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
+        lpips(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32), net=net)
     message = str(err.value)
-    assert "https://download.pytorch.org/models/vgg16-397923af.pth" in message
-    assert str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth") in message
-    assert VGG16_ENV in message
+    assert f"https://download.pytorch.org/models/{FILES[net]}" in message
+    assert str(tmp_path / "hub" / "checkpoints" / FILES[net]) in message
+    assert WEIGHTS_ENV[net] in message
 
 
-def test_lpips_rejects_mismatched_or_non_rgb_inputs(vgg_file):
-    path, _ = vgg_file  # the inputs are checked before any network is built
-    with pytest.raises(ValueError, match="differ in shape"):
-        lpips(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 16, 16), vgg_weights=path)
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        lpips(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32), vgg_weights=path)
+def test_the_default_variant_is_alexnet_as_in_the_fields_tables(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    trunk = make_trunk("alex").eval()
+    torch.save({f"features.{k}": v for k, v in trunk.state_dict().items()}, tmp_path / FILES["alex"])
+    monkeypatch.setenv(WEIGHTS_ENV["alex"], str(tmp_path / FILES["alex"]))
+    x = torch.linspace(-1, 1, 3 * 64 * 64).view(1, 3, 64, 64)
+    assert DEFAULT_NET == "alex"
+    torch.testing.assert_close(lpips(x, x.flip(-1)), lpips_by_definition("alex", trunk, x, x.flip(-1)),
+                               rtol=1e-5, atol=1e-7)

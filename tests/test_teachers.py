@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from ctok.models.teachers import (
+    ALEXNET,
     DINO_DISCRIMINATOR,
     DINOV2_TEACHER,
     SIGLIP_TEACHER,
@@ -18,7 +19,7 @@ from ctok.models.teachers import (
     load_pretrained_encoder,
     locate,
     locate_all,
-    vgg16_features,
+    torchvision_trunk,
 )
 from ctok.models.vit import VIT_SIZES, ViTEncoder
 
@@ -98,9 +99,21 @@ def test_vgg16_trunk_loads_torchvision_keys(tmp_path):
     trunk = vgg.make_layers(vgg.cfgs["D"])
     torch.save({f"features.{k}": v for k, v in trunk.state_dict().items()} | {"classifier.0.bias": torch.zeros(3)},
                tmp_path / "vgg16.pth")
-    loaded = vgg16_features(tmp_path / "vgg16.pth")
+    loaded = torchvision_trunk(VGG16, tmp_path / "vgg16.pth")
     torch.testing.assert_close(loaded[28].weight, trunk[28].weight)
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_alexnet_trunk_loads_torchvision_keys_and_unknown_trunks_are_refused(tmp_path):
+    from torchvision.models import AlexNet
+
+    torch.manual_seed(0)
+    trunk = AlexNet().features
+    torch.save({f"features.{k}": v for k, v in trunk.state_dict().items()}, tmp_path / "alexnet.pth")
+    loaded = torchvision_trunk(ALEXNET, tmp_path / "alexnet.pth")
+    torch.testing.assert_close(loaded[10].weight, trunk[10].weight)
+    with pytest.raises(ValueError, match="no torchvision trunk 'resnet50'"):
+        torchvision_trunk("resnet50", None)
 
 
 @pytest.mark.slow

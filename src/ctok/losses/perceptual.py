@@ -1,12 +1,12 @@
-"""LPIPS-VGG perceptual loss (Zhang et al., 2018), as the tokenizers are trained with it.
+"""LPIPS (Zhang et al., 2018): the tokenizers' perceptual loss (VGG) and the reconstruction metric (AlexNet or VGG).
 
-The network is the reference ``lpips`` package's: VGG16 activations at five depths, unit-normalised
+The network is the reference ``lpips`` package's: trunk activations at five depths, unit-normalised
 per position across channels, squared differences weighted by its calibrated 1x1 "linear" layers
 (shipped inside the package), averaged over space and summed over depths::
 
     LPIPS(x, y) = sum_l mean_hw < w_l, (f_l(x)/||f_l(x)|| - f_l(y)/||f_l(y)||)^2 >
 
-The VGG16 trunk's ImageNet weights come from torchvision (see :mod:`ctok.models.teachers`), so an
+The trunk's ImageNet weights come from torchvision (see :mod:`ctok.models.teachers`), so an
 offline machine can point to a local copy. Inputs are images in [-1, 1].
 """
 from __future__ import annotations
@@ -17,26 +17,34 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ctok.models.teachers import freeze, vgg16_features
+from ctok.models.teachers import ALEXNET, VGG16, freeze, torchvision_trunk
+
+# The lpips package's name of each trunk.
+LPIPS_NETS = {"vgg": VGG16, "alex": ALEXNET}
 
 
 class LPIPSLoss(nn.Module):
-    """Mean LPIPS-VGG distance over the batch; frozen, always in eval mode.
+    """Mean LPIPS distance over the batch; frozen, always in eval mode.
 
-    ``vgg_weights`` is torchvision's ``vgg16-397923af.pth`` (None: a random trunk, for tests; the
-    calibrated linear layers are loaded either way).
+    ``trunk_weights`` is torchvision's ImageNet file of the trunk, ``vgg16-397923af.pth`` for
+    ``net="vgg"`` or ``alexnet-owt-7be5be79.pth`` for ``net="alex"`` (None: a random trunk, for
+    tests; the calibrated linear layers of that trunk are loaded either way).
     """
 
-    def __init__(self, vgg_weights: Path | None):
+    def __init__(self, trunk_weights: Path | None, net: str = "vgg"):
         super().__init__()
         import lpips
 
+        if net not in LPIPS_NETS:
+            raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_NETS)}, got {net!r}")
+        self.net = net
         with warnings.catch_warnings():
             # lpips builds its trunk through torchvision's deprecated `pretrained=` argument.
             warnings.simplefilter("ignore", UserWarning)
-            self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-        if vgg_weights is not None:
-            features = vgg16_features(vgg_weights)
+            self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        if trunk_weights is not None:
+            # lpips keeps torchvision's layer indices inside its slices (slice2.3 is features[3]).
+            features = torchvision_trunk(LPIPS_NETS[net], trunk_weights)
             for name, module in self.lpips.net.named_modules():
                 if isinstance(module, nn.Conv2d):
                     module.load_state_dict(features[int(name.rsplit(".", 1)[1])].state_dict())

@@ -4,12 +4,12 @@
   and SoftVQ's alignment head regress, run at the training resolution with patch 16 (timm
   resamples the patch embedding and position table of the released weights);
 * DINO ViT-S/16: the backbone of the feature discriminator;
-* VGG16: the trunk of the LPIPS loss;
+* VGG16 and AlexNet: the trunks of LPIPS (VGG for the training loss, either for the metric);
 * DINOv2 encoders: the initialisation of SoftVQ-VAE's encoder.
 
 Weights are found before anything is built: a local file named in the config wins; otherwise the
 Hugging Face hub (its cache when offline, ``HF_HUB_OFFLINE=1``) for timm models and torch.hub's
-checkpoint folder for torchvision's VGG16. When any is missing, :func:`locate_all` raises one
+checkpoint folder for torchvision's VGG16 and AlexNet. When any is missing, :func:`locate_all` raises one
 error that names every missing file, where to get it and which config key points to a local copy.
 ``random_init=True`` builds the same networks with random weights, for tests and smoke runs.
 """
@@ -29,15 +29,19 @@ DINOV2_TEACHER = "vit_large_patch14_dinov2.lvd142m"
 SIGLIP_TEACHER = "vit_so400m_patch14_siglip_224.webli"
 DINO_DISCRIMINATOR = "vit_small_patch16_224.dino"
 VGG16 = "vgg16"
-_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+ALEXNET = "alexnet"
+# torchvision's ImageNet weight files of the LPIPS trunks.
+_TORCHVISION_URLS = {VGG16: "https://download.pytorch.org/models/vgg16-397923af.pth",
+                     ALEXNET: "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"}
+_TORCHVISION_NAMES = {VGG16: "VGG16", ALEXNET: "AlexNet"}
 
 
 @dataclass(frozen=True)
 class WeightsRequest:
     """One network whose pretrained weights a run needs.
 
-    ``model`` is a timm name (``vit_large_patch14_dinov2.lvd142m``) or ``vgg16`` (torchvision's
-    ImageNet weights); ``file`` a local override; ``config_key`` the key that sets ``file``.
+    ``model`` is a timm name (``vit_large_patch14_dinov2.lvd142m``), ``vgg16`` or ``alexnet``
+    (torchvision's ImageNet weights); ``file`` a local override; ``config_key`` the key that sets ``file``.
     """
 
     role: str
@@ -64,8 +68,8 @@ def locate(request: WeightsRequest) -> Path:
         if not path.is_file():
             raise MissingWeightsError(f"{request.role}: {request.config_key or 'file'}={path} does not exist")
         return path
-    if request.model == VGG16:
-        return _locate_torchvision_vgg16(request)
+    if request.model in _TORCHVISION_URLS:
+        return _locate_torchvision(request)
     return _locate_timm(request)
 
 
@@ -92,14 +96,15 @@ def _locate_timm(request: WeightsRequest) -> Path:
     )
 
 
-def _locate_torchvision_vgg16(request: WeightsRequest) -> Path:
-    filename = _VGG16_URL.rsplit("/", 1)[1]
+def _locate_torchvision(request: WeightsRequest) -> Path:
+    url = _TORCHVISION_URLS[request.model]
+    filename = url.rsplit("/", 1)[1]
     try:
-        return torch_cache_file(filename, _VGG16_URL, progress=False)
+        return torch_cache_file(filename, url, progress=False)
     except FileNotFoundError:  # offline or no network: reported below with the file to fetch
         raise MissingWeightsError(
-            f"{request.role}: torchvision's VGG16 ImageNet weights are missing; download {_VGG16_URL} "
-            f"to {torch_cache_path(filename)}{_override_hint(request)}",
+            f"{request.role}: torchvision's {_TORCHVISION_NAMES[request.model]} ImageNet weights are missing; "
+            f"download {url} to {torch_cache_path(filename)}{_override_hint(request)}",
         ) from None
 
 
@@ -171,14 +176,17 @@ def feature_teacher(model: str, *, image_size: int, patch_size: int = 16, weight
     return FrozenViTFeatures(create_vit(model, image_size=image_size, patch_size=patch_size, weights=weights))
 
 
-def vgg16_features(weights: Path | None) -> nn.Sequential:
-    """torchvision's VGG16 convolutional trunk (its ``features``), ImageNet weights from ``weights`` or random.
+def torchvision_trunk(model: str, weights: Path | None) -> nn.Sequential:
+    """torchvision's VGG16 or AlexNet convolutional trunk (its ``features``), ImageNet weights from
+    ``weights`` or random.
 
-    Only the trunk is built: the classifier's 120M parameters would never be used.
+    Only the trunk is built: the classifier's parameters (120M for VGG16) would never be used.
     """
-    from torchvision.models import vgg
+    from torchvision.models import AlexNet, vgg
 
-    features = vgg.make_layers(vgg.cfgs["D"])
+    if model not in _TORCHVISION_URLS:
+        raise ValueError(f"no torchvision trunk {model!r}; choose one of {sorted(_TORCHVISION_URLS)}")
+    features = vgg.make_layers(vgg.cfgs["D"]) if model == VGG16 else AlexNet().features
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
