@@ -1,6 +1,7 @@
 """The metric functions against independent computations: closed forms, scipy, scikit-learn, scikit-image."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -11,6 +12,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.neighbors import NearestNeighbors
 
 from ctok.metrics import fid, frechet_distance, gaussian_statistics, inception_score, precision_recall, psnr, sfid, ssim
+from ctok.metrics.image_quality import identical_pairs, psnr_cap
 
 
 def random_spd(rng, dim: int, condition: float) -> np.ndarray:
@@ -262,5 +264,28 @@ def test_psnr_ssim_require_a_data_range_for_float_images():
         ssim(a.float(), b.float())
     with pytest.raises(ValueError, match="differ in shape"):
         psnr(a, b[:, :, :20])
-    assert torch.isinf(psnr(a, a)).all()
     assert ssim(a, a) == pytest.approx(torch.ones(len(a), dtype=torch.float64))
+    with pytest.raises(ValueError, match="convention must be one of"):
+        ssim(a, b, convention="torchmetrics")
+
+
+def test_psnr_of_identical_pairs_is_capped_just_above_a_one_level_error():
+    a, b = image_pairs()
+    mixed = torch.cat([a[:2], b[2:]])
+    values = psnr(a, mixed)
+    cap = psnr_cap(a)
+    assert cap == pytest.approx(10 * math.log10(255**2 * 3 * 40 * 48))
+    assert (values[:2] == cap).all() and (values[2:] < cap).all() and torch.isfinite(values).all()
+    assert identical_pairs(a, mixed) == 2 and identical_pairs(a, b) == 0
+    one_level = a.clone()
+    one_level[0, 0, 0, 0] += 1 if one_level[0, 0, 0, 0] < 255 else -1
+    assert float(psnr(a[:1], one_level[:1])) == pytest.approx(cap)  # the cap is that smallest possible error
+
+
+def test_llamagen_ssim_is_scikit_image_with_data_range_2_on_unit_images():
+    a, b = image_pairs(11)
+    got = ssim(a, b, convention="llamagen")
+    for i in range(len(a)):
+        x, y = a[i].permute(1, 2, 0).numpy() / 255.0, b[i].permute(1, 2, 0).numpy() / 255.0
+        assert float(got[i]) == pytest.approx(structural_similarity(x, y, channel_axis=-1, data_range=2.0), rel=1e-10)
+    assert (got > ssim(a, b)).all()  # the inflation the convention is known for
