@@ -289,3 +289,33 @@ def test_llamagen_ssim_is_scikit_image_with_data_range_2_on_unit_images():
         x, y = a[i].permute(1, 2, 0).numpy() / 255.0, b[i].permute(1, 2, 0).numpy() / 255.0
         assert float(got[i]) == pytest.approx(structural_similarity(x, y, channel_axis=-1, data_range=2.0), rel=1e-10)
     assert (got > ssim(a, b)).all()  # the inflation the convention is known for
+
+
+# -- Evaluation arithmetic ---------------------------------------------------------------------
+
+def test_metric_networks_and_distances_run_without_tf32_and_restore_the_callers_settings(monkeypatch):
+    import importlib
+
+    from ctok.metrics.features import network_features
+    from ctok.metrics.numerics import float32_modes
+
+    precision_recall_module = importlib.import_module("ctok.metrics.precision_recall")  # the function shadows it
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, images):
+            seen.append(float32_modes())
+            return {"pool": images.flatten(1)}
+
+    before = float32_modes()
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # what training leaves behind
+    try:
+        network_features(Probe(), torch.zeros(2, 3, 4, 4))
+        distances = precision_recall_module._squared_distances
+        monkeypatch.setattr(precision_recall_module, "_squared_distances",
+                            lambda *args: seen.append(float32_modes()) or distances(*args))
+        precision_recall(np.eye(5), np.eye(5), k=1, device="cpu")
+        assert float32_modes()["cuda.matmul"] == "tf32" and float32_modes()["cudnn.conv"] == before["cudnn.conv"]
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before["cuda.matmul"]
+    assert len(seen) > 1 and all(set(modes.values()) == {"ieee"} for modes in seen)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ctok.metrics.numerics import ieee_float32
+
 FEATURE_KEYS = ("pool", "spatial", "logits")
 
 
@@ -53,8 +55,9 @@ def to_network_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def network_features(network: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The network's outputs for images in [-1, 1], each flattened to (B, F) float32."""
-    with torch.no_grad():
+    """The network's outputs for images in [-1, 1], each flattened to (B, F) float32, computed
+    without TF32 (see :mod:`ctok.metrics.numerics`)."""
+    with torch.no_grad(), ieee_float32():
         out = network(images)
     if not isinstance(out, dict) or "pool" not in out:
         got = sorted(out) if isinstance(out, dict) else type(out).__name__

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ctok.metrics.numerics import ieee_float32
+
 
 def _as_features(name: str, x, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(x).detach()
@@ -93,7 +95,12 @@ def precision_recall(real_feats, fake_feats, k: int = 3, *, adm_fp16: bool = Tru
     for name, feats in (("real_feats", real), ("fake_feats", fake)):
         if feats.shape[0] <= k:
             raise ValueError(f"{name} needs more than k={k} samples to have k neighbours, got {feats.shape[0]}")
-    real, fake = Features(real, adm_fp16), Features(fake, adm_fp16)
+    with ieee_float32():  # the float32 distances (and the fallback) without TF32
+        return _precision_recall(Features(real, adm_fp16), Features(fake, adm_fp16), k, block_size)
+
+
+def _precision_recall(real: Features, fake: Features, k: int, block_size: int) -> tuple[float, float]:
+    device = real.float32.device
     real_radii = knn_radii(real, k, block_size)
     fake_radii = knn_radii(fake, k, block_size)
     fake_in_real = torch.zeros(len(fake), dtype=torch.bool, device=device)
