@@ -47,6 +47,7 @@ from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
 from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
 from ctok.training.sharding import BatchRandom
+from ctok.training.task import StepLosses
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -231,11 +232,12 @@ class FlowMatchingTask(GeneratorTask):
         # The config key is ``flow.path`` (the YAML's word); it is a path type, as a SiT config names it.
         self.path = FlowPath(flow.path)
 
-    def training_step(self, batch, step: int, rng: BatchRandom) -> dict[str, torch.Tensor]:
+    def training_step(self, batch, step: int, rng: BatchRandom) -> StepLosses:
+        """The velocity-matching loss of a micro-batch."""
         x0, labels = self.inputs(batch, rng)
         t = self.path.sample_time(rng, self.time_sampling)
         noise = rng.randn(*x0.shape[1:])
-        return {"loss": self.path.training_loss(self.model, x0, t, labels, noise)}
+        return StepLosses(model=self.path.training_loss(self.model, x0, t, labels, noise))
 
     def sample_images(self, step: int) -> torch.Tensor:
         noise, labels = self.sample_noise()
@@ -250,12 +252,14 @@ class DiffusionTask(GeneratorTask):
         self.settings = diffusion
         self.diffusion = GaussianDiffusion(diffusion.schedule, 1000)
 
-    def training_step(self, batch, step: int, rng: BatchRandom) -> dict[str, torch.Tensor]:
+    def training_step(self, batch, step: int, rng: BatchRandom) -> StepLosses:
+        """The hybrid loss of a micro-batch; its terms (``mse``, ``vb`` with learned sigma) are logged."""
         x0, labels = self.inputs(batch, rng)
         t = rng.randint(self.diffusion.num_timesteps)
         noise = rng.randn(*x0.shape[1:])
-        terms = self.diffusion.training_losses(self.model, x0, t, labels, noise)
-        return {name: value.mean() for name, value in terms.items()}
+        losses = self.diffusion.training_losses(self.model, x0, t, labels, noise)
+        terms = {name: value.mean() for name, value in losses.items() if name != "loss"}
+        return StepLosses(model=losses["loss"].mean(), logs=terms)
 
     def sample_images(self, step: int) -> torch.Tensor:
         noise, labels = self.sample_noise()
@@ -311,10 +315,13 @@ def check_labels_fit(label_range: tuple[int, int], num_classes: int, where: str)
                          f"set model.num_classes to at least {high + 1}")
 
 
-def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
-    """Train a SiT (``kind="sit"``) or DiT (``"dit"``) as ``cfg`` says; returns the exported folder."""
-    # Everything that can be wrong with the inputs is checked before a process group or a network
-    # exists, the cheap checks first.
+def open_training_data(kind: str, cfg: GeneratorTrainConfig):
+    """The latent cache or the image dataset of ``cfg.data``, and the frozen tokenizer, checked against the config.
+
+    Returns ``(cache, images, tokenizer, source)``: exactly one of ``cache`` and ``images`` is set;
+    ``source`` is the tokenizer's folder or hub id. Everything that can be wrong with the inputs is
+    checked here, before a process group or a network exists, the cheap checks first.
+    """
     if (cfg.data.latents is None) == (cfg.data.images is None):
         raise ValueError("set exactly one of data.latents (a cache from `ctok cache-latents`) and data.images")
     check_model_section(kind, cfg.model)
@@ -347,7 +354,12 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
                              f"data.images {cfg.data.images}")
         elif getattr(images, "classes", None):
             check_labels_fit((0, len(images.classes) - 1), cfg.model.num_classes, f"data.images {cfg.data.images}")
+    return cache, images, tokenizer, source
 
+
+def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
+    """Train a SiT (``kind="sit"``) or DiT (``"dit"``) as ``cfg`` says; returns the exported folder."""
+    cache, images, tokenizer, source = open_training_data(kind, cfg)
     ctx = init_distributed(cfg.run.device)
     try:
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
@@ -357,10 +369,10 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         network = build_generator(kind, cfg, tokenizer.num_tokens, tokenizer.latent_dim, stats,
                                   TokenizerRecord(tokenizer.identity(), str(source)))
         network.eval()  # see the module docstring: label dropout is drawn by the task
-        model = runner.add_module("model", network, optim=cfg.optim, ema_decay=cfg.ema.decay)
+        model = runner.add_model(network, optim=cfg.optim, ema_decay=cfg.ema.decay)
         latents = CachedLatents(stats) if cache is not None else EncodedImages(tokenizer, stats, cfg.data.flip)
-        common = dict(model=model, ema=runner.ema_module("model"), latents=latents, tokenizer=tokenizer,
-                      stats=stats, samples=cfg.samples)
+        common = dict(model=model.wrapped, ema=model.ema, latents=latents, tokenizer=tokenizer, stats=stats,
+                      samples=cfg.samples)
         task = (FlowMatchingTask(**common, flow=cfg.flow) if kind == "sit"
                 else DiffusionTask(**common, diffusion=cfg.diffusion))
         if ctx.is_main:
@@ -371,7 +383,7 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         out = Path(cfg.run.out_dir) / "final"
         if ctx.is_main:
             # The EMA copy carries the network's config, latent statistics and tokenizer included.
-            runner.ema_module("model").save_pretrained(out)
+            model.ema.save_pretrained(out)
             tqdm.write(f"exported the EMA weights to {out}")
         return out
     finally:
