@@ -52,7 +52,7 @@ def rng(step=3):
 def test_flow_matching_regresses_the_path_velocity(path):
     x0 = torch.randn(4096, 4, 2, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(4096) % 10
-    task, spy = make_task("sit", x0, labels, path=path, time_sampling="lognormal")
+    task, spy = make_task("sit", x0, labels, path_type=path, time_sampling="lognormal")
     loss = task.training_step(None, 3, rng()).model
 
     again = rng()  # the same draws, in the objective's order: label dropout, time, noise

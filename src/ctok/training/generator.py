@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -83,7 +83,9 @@ class ModelSection:
 class FlowSection:
     """``flow:`` SiT's interpolation path, prediction target and time distribution."""
 
-    path: Literal["linear", "cosine"] = "linear"
+    # The path's key is named as in SiT configs and the samplers; a config with the old name is told so.
+    renamed_keys: ClassVar[dict[str, str]] = {"path": "path_type"}
+    path_type: Literal["linear", "cosine"] = "linear"
     prediction: Literal["v"] = "v"  # velocity, as the published recipe; the only target implemented
     time_sampling: Literal["uniform", "lognormal"] = "lognormal"
 
@@ -229,8 +231,7 @@ class FlowMatchingTask(GeneratorTask):
     def __init__(self, *args, flow: FlowSection, **kwargs):
         super().__init__(*args, **kwargs)
         self.time_sampling = flow.time_sampling
-        # The config key is ``flow.path`` (the YAML's word); it is a path type, as a SiT config names it.
-        self.path = FlowPath(flow.path)
+        self.path = FlowPath(flow.path_type)
 
     def training_step(self, batch, step: int, rng: BatchRandom) -> StepLosses:
         """The velocity-matching loss of a micro-batch."""
@@ -301,7 +302,7 @@ def build_generator(kind: str, cfg: GeneratorTrainConfig, num_tokens: int, laten
     overrides.update(mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm, class_dropout_prob=m.class_dropout_prob,
                      latent_stats=stats, tokenizer=tokenizer)
     if kind == "sit":
-        overrides["path_type"] = cfg.flow.path
+        overrides["path_type"] = cfg.flow.path_type
     else:
         overrides.update(learn_sigma=cfg.diffusion.learn_sigma, noise_schedule=cfg.diffusion.schedule)
     return build_preset(m.preset, input_size=num_tokens, in_channels=latent_dim, num_classes=m.num_classes,
