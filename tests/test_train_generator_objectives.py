@@ -6,16 +6,9 @@ import math
 import pytest
 import torch
 
-from ctok.models.diffusion_transformer import build_preset
+from ctok.models.diffusion_transformer import LatentStats, build_preset
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion
-from ctok.training.generator import (
-    DiffusionSection,
-    DiffusionTask,
-    FlowMatchingTask,
-    FlowSection,
-    LatentStats,
-    SamplesSection,
-)
+from ctok.training.generator import DiffusionSection, DiffusionTask, FlowMatchingTask, FlowSection, SamplesSection
 from ctok.training.sharding import BatchRandom, BatchSplit
 
 SPLIT = BatchSplit(4096, 1, 1, 0)
