@@ -27,7 +27,7 @@ from ctok.metrics.sample_npz import NpzImages
 from ctok.models.tokenizer import Tokenizer
 from ctok.sampling import sample_dit, sample_sit
 from ctok.training.distributed import init_distributed
-from ctok.training.generator import CachedLatents, choose_latent_stats
+from ctok.training.generator_data import CachedLatents, choose_latent_stats
 from ctok.training.sharding import BatchRandom, BatchSplit, derived_seed
 from test_evaluate import TinyFeatures, direct_features, smooth_images
 from test_latent_cache import TINY_TOKENIZER, RandomImages

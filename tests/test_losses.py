@@ -30,6 +30,7 @@ from ctok.losses import (
 )
 from ctok.training.config import build_config
 from ctok.training.sharding import BatchRandom, BatchSplit
+from ctok.training.task import TrainedModule
 from ctok.training.tokenizer import DiscriminatorObjective, TokenizerForward, TokenizerTask, TokenizerTrainConfig
 
 REAL = [2.0, 0.5, -1.0, 0.0]
@@ -306,8 +307,8 @@ class FixedReconstruction(nn.Module):
 def test_the_discriminator_objective_uses_the_named_loss(kind):
     objective = DiscriminatorObjective(PixelMeanCritic(), loss=kind, lecam_weight=0.0, consistency_weight=0.0,
                                        diffaugment=False)
-    out = objective(_flat_images(REAL), _flat_images(FAKE), rand=None, gan_weight=0.5)
-    assert out["loss/discriminator"].item() == pytest.approx(0.5 * GAN_FORMULAS[kind][0], rel=1e-6)
+    loss, _ = objective(_flat_images(REAL), _flat_images(FAKE), rand=None, gan_weight=0.5)
+    assert loss.item() == pytest.approx(0.5 * GAN_FORMULAS[kind][0], rel=1e-6)
 
 
 @pytest.mark.parametrize("reconstruction", ["mse", "l1"])
@@ -322,10 +323,10 @@ def test_a_tokenizer_step_uses_the_named_reconstruction_and_generator_losses(rec
     })
     model = FixedReconstruction(_flat_images(FAKE))
     critic = SimpleNamespace(discriminator=PixelMeanCritic())
-    runner = SimpleNamespace(module={"model": model, "discriminator": critic}.__getitem__)
-    task = TokenizerTask(cfg, runner, model, discriminator=lambda *args: {}, lpips=None, teachers={}, masks=None,
-                         sample_images=None)
-    metrics = task.training_step((_flat_images(REAL),), step=0, rng=None)
+    discriminator = TrainedModule(module=critic, wrapped=lambda *args: (torch.zeros(()), {}))
+    task = TokenizerTask(cfg, TrainedModule(module=model, wrapped=model), discriminator, lpips=None, teachers={},
+                         masks=None, sample_images=None)
+    metrics = task.training_step((_flat_images(REAL),), step=0, rng=None).logged()
 
     power = 2 if reconstruction == "mse" else 1
     expected_rec = sum(abs(f - r) ** power for r, f in zip(REAL, FAKE)) / 4

@@ -13,6 +13,7 @@ from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.config import build_config, config_to_dict
 from ctok.training.distributed import init_distributed
 from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
+from ctok.training.task import StepLosses
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Regression:
     def training_step(self, batch, step, rng):
         x, y = batch
         x = x + 0.1 * rng.randn(5)
-        return {"loss": (self.net(x).squeeze(-1) - y).pow(2).mean()}
+        return StepLosses(model=(self.net(x).squeeze(-1) - y).pow(2).mean())
 
     def sample_images(self, step):
         return None
@@ -67,14 +68,14 @@ class CrashingRegression(Regression):
 
 def train(cfg: ToyConfig, data, global_batch: int = 16, crash_at: int | None = None) -> Runner:
     runner = Runner(cfg.run, config_to_dict(cfg), init_distributed("cpu"), global_batch=global_batch)
-    net = runner.add_module("model", nn.Linear(5, 1), optim=cfg.optim, ema_decay=cfg.ema.decay)
-    runner.fit(Regression(net) if crash_at is None else CrashingRegression(net, crash_at), data)
+    net = runner.add_model(nn.Linear(5, 1), optim=cfg.optim, ema_decay=cfg.ema.decay)
+    runner.fit(Regression(net.wrapped) if crash_at is None else CrashingRegression(net.wrapped, crash_at), data)
     return runner
 
 
 def states(runner: Runner) -> dict[str, torch.Tensor]:
-    out = {f"model.{k}": v for k, v in runner.module("model").state_dict().items()}
-    out.update({f"ema.{k}": v for k, v in runner.ema_module("model").state_dict().items()})
+    out = {f"model.{k}": v for k, v in runner.members["model"].module.state_dict().items()}
+    out.update({f"ema.{k}": v for k, v in runner.members["model"].ema.module.state_dict().items()})
     for i, s in runner.members["model"].optimizer.state_dict()["state"].items():
         out.update({f"adam.{i}.{k}": v for k, v in s.items()})
     return out
@@ -137,7 +138,7 @@ def test_global_batch_must_split_evenly(tmp_path):
 
 
 class Adversarial:
-    """Two networks, each with its own loss; the second network's loss only from ``disc_from`` on."""
+    """A model and a discriminator, each with its own loss; the discriminator's only from ``disc_from`` on."""
 
     def __init__(self, gen, disc, disc_from: int):
         self.gen, self.disc, self.disc_from = gen, disc, disc_from
@@ -145,10 +146,10 @@ class Adversarial:
     def training_step(self, batch, step, rng):
         x, _ = batch
         fake = self.gen(x)
-        out = {"loss": -self.disc(fake).mean() + fake.pow(2).mean()}
-        if step >= self.disc_from:
-            out["loss/disc"] = self.disc(fake.detach()).mean() - self.disc(x).mean()
-        return out
+        model_loss = -self.disc(fake).mean() + fake.pow(2).mean()
+        if step < self.disc_from:
+            return StepLosses(model=model_loss)
+        return StepLosses(model=model_loss, discriminator=self.disc(fake.detach()).mean() - self.disc(x).mean())
 
     def sample_images(self, step):
         return torch.zeros(4, 3, 8, 8)
@@ -157,8 +158,8 @@ class Adversarial:
 def train_adversarial(tmp_path, disc_from: int):
     cfg = toy_config(tmp_path, max_steps=4, log_every=1)
     runner = Runner(cfg.run, config_to_dict(cfg), init_distributed("cpu"), global_batch=16)
-    gen = runner.add_module("model", nn.Linear(5, 5), optim=cfg.optim, ema_decay=0.5)
-    disc = runner.add_module("disc", nn.Linear(5, 1), optim=cfg.optim)
+    gen = runner.add_model(nn.Linear(5, 5), optim=cfg.optim, ema_decay=0.5).wrapped
+    disc = runner.add_discriminator(nn.Linear(5, 1), optim=cfg.optim).wrapped
     before = {name: [p.detach().clone() for p in m.parameters()] for name, m in (("gen", gen), ("disc", disc))}
     runner.fit(Adversarial(gen, disc, disc_from), toy_data())
     changed = {name: not all(torch.equal(a, b) for a, b in zip(before[name], m.parameters()))
@@ -176,25 +177,58 @@ def test_the_generator_loss_does_not_train_the_discriminator(tmp_path):
 def test_a_second_optimizer_steps_only_when_its_loss_is_returned(tmp_path):
     changed, records = train_adversarial(tmp_path, disc_from=2)
     assert changed == {"gen": True, "disc": True, "disc_grad_left": False}
-    assert ["loss/disc" in r for r in records] == [False, False, True, True]
-    assert ["grad_norm/disc" in r and "lr/disc" in r for r in records] == [False, False, True, True]
+    assert ["loss/discriminator" in r for r in records] == [False, False, True, True]
+    assert ["grad_norm/discriminator" in r and "lr/discriminator" in r for r in records] == [False, False, True, True]
     assert (tmp_path / "samples" / "step-00000004.png").is_file()
     state = load_checkpoint(tmp_path / "checkpoints" / "step-00000004.pt")
-    assert set(state["modules"]) == set(state["optimizers"]) == {"model", "disc"}
+    assert set(state["modules"]) == set(state["optimizers"]) == {"model", "discriminator"}
     assert set(state["ema"]) == {"model"}
 
 
-def test_a_loss_for_an_unknown_module_is_an_error(tmp_path):
+def test_a_discriminator_loss_without_a_discriminator_is_an_error(tmp_path):
     cfg = toy_config(tmp_path, max_steps=1)
     runner = Runner(cfg.run, config_to_dict(cfg), init_distributed("cpu"), global_batch=16)
-    net = runner.add_module("model", nn.Linear(5, 1), optim=cfg.optim)
+    net = runner.add_model(nn.Linear(5, 1), optim=cfg.optim).wrapped
 
     class Wrong(Regression):
         def training_step(self, batch, step, rng):
-            return {"loss": super().training_step(batch, step, rng)["loss"], "loss/critic": torch.zeros(())}
+            return StepLosses(model=super().training_step(batch, step, rng).model, discriminator=torch.zeros(()))
 
-    with pytest.raises(ValueError, match=r"no trained module is named 'critic'; trained modules: \['model'\]"):
+    with pytest.raises(ValueError, match=r"discriminator loss, but no discriminator is registered"):
         runner.fit(Wrong(net), toy_data())
+    assert not list_checkpoints(tmp_path / "checkpoints")  # refused before any update
+
+
+def test_a_step_must_return_typed_losses_and_a_model_must_be_registered(tmp_path):
+    cfg = toy_config(tmp_path, max_steps=1)
+    runner = Runner(cfg.run, config_to_dict(cfg), init_distributed("cpu"), global_batch=16)
+    with pytest.raises(ValueError, match="no model is registered"):
+        runner.fit(Regression(None), toy_data())
+    net = runner.add_model(nn.Linear(5, 1), optim=cfg.optim).wrapped
+    with pytest.raises(ValueError, match="a model is already registered"):
+        runner.add_model(nn.Linear(5, 1), optim=cfg.optim)
+
+    class Untyped(Regression):
+        def training_step(self, batch, step, rng):
+            return {"loss": super().training_step(batch, step, rng).model}
+
+    with pytest.raises(TypeError, match="training_step must return StepLosses .*, got dict"):
+        runner.fit(Untyped(net), toy_data())
+
+
+def test_the_task_is_handed_the_plain_module_its_wrapper_and_the_ema(tmp_path):
+    cfg = toy_config(tmp_path, max_steps=2)
+    runner = Runner(cfg.run, config_to_dict(cfg), init_distributed("cpu"), global_batch=16)
+    linear = nn.Linear(5, 1)
+    net = runner.add_model(linear, optim=cfg.optim, ema_decay=0.5)
+    disc = runner.add_discriminator(nn.Linear(5, 1), optim=cfg.optim)
+    # one process, no compile: the wrapper is the module itself; the EMA is a separate copy
+    assert net.module is net.wrapped is linear and disc.ema is None
+    assert net.ema is not linear and torch.equal(net.ema.weight, linear.weight)
+    runner.fit(Regression(net.wrapped), toy_data())
+    # the EMA the task holds is the one the runner updates (and would restore on resume)
+    assert not torch.equal(net.ema.weight, linear.weight)
+    assert net.ema is runner.members["model"].ema.module
 
 
 def test_resume_refuses_a_changed_config_and_fresh_start_refuses_old_checkpoints(tmp_path):

@@ -83,7 +83,7 @@ def test_packaged_configs_all_load_against_their_schema():
     sit = load_config(SiTTrainConfig, "sit-xl-maetok-b-128")
     # the published SiT recipe
     assert (sit.optim.lr, sit.optim.schedule, sit.data.batch_size, sit.ema.decay) == (1e-4, "constant", 256, 0.9999)
-    assert (sit.flow.path, sit.flow.prediction, sit.flow.time_sampling) == ("linear", "v", "lognormal")
+    assert (sit.flow.path_type, sit.flow.prediction, sit.flow.time_sampling) == ("linear", "v", "lognormal")
     assert sit.model.class_dropout_prob == 0.1 and sit.tokenizer == "MAETok/maetok-b-128"
     dit = load_config(DiTTrainConfig, "dit-xl-softvq-l-64")
     assert (dit.diffusion.schedule, dit.diffusion.learn_sigma, dit.model.preset) == ("cosine", True, "DiT-XL/1")
@@ -104,3 +104,11 @@ def test_cli_reports_config_errors_in_one_line(capsys):
     assert code == 2
     assert err.startswith("ctok train-sit: error: unknown config key 'optim.lrr'")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_old_flow_path_key_names_its_new_name(capsys):
+    with pytest.raises(ValueError, match=r"config key 'flow.path' is now called 'flow.path_type': rename it"):
+        load_config(SiTTrainConfig, "tiny-sit", ["flow.path=cosine"])
+    assert load_config(SiTTrainConfig, "tiny-sit", ["flow.path_type=cosine"]).flow.path_type == "cosine"
+    assert main(["train-sit", "--config", "tiny-sit", "flow.path=linear"]) == 2
+    assert "'flow.path' is now called 'flow.path_type'" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 from ctok.training.config import build_config, config_to_dict
 from ctok.training.distributed import init_distributed
 from ctok.training.runner import Runner
+from ctok.training.task import StepLosses
 from test_runner import ToyConfig
 
 GLOBAL_BATCH = 8
@@ -60,7 +61,7 @@ class RecordingRegression:
     def training_step(self, batch, step, rng):
         x, y = batch
         self.batches.setdefault(step, []).append((x.clone(), y.clone()))
-        return {"loss": squared_error(self.net.weight, self.net.bias, x, y)}
+        return StepLosses(model=squared_error(self.net.weight, self.net.bias, x, y))
 
     def sample_images(self, step):
         return None
@@ -69,7 +70,7 @@ class RecordingRegression:
 def run(cfg: ToyConfig):
     """Train a Linear(3, 1); returns the runner, its initial parameters, the task and the log records."""
     runner = Runner(cfg.run, config_to_dict(cfg), init_distributed("cpu"), global_batch=GLOBAL_BATCH)
-    net = runner.add_module("model", nn.Linear(3, 1), optim=cfg.optim, ema_decay=cfg.ema.decay)
+    net = runner.add_model(nn.Linear(3, 1), optim=cfg.optim, ema_decay=cfg.ema.decay).wrapped
     initial = [p.detach().clone() for p in net.parameters()]
     task = RecordingRegression(net)
     runner.fit(task, regression_data())
@@ -132,7 +133,7 @@ def test_steps_match_a_hand_written_adamw(tmp_path, grad_accum, grad_clip):
 
     optimizer = runner.members["model"].optimizer
     assert optimizer.param_groups[0]["lr"] == pytest.approx(EXPECTED_LR[-1], rel=1e-12)
-    trained = zip(runner.module("model").named_parameters(), runner.ema_module("model").parameters(),
+    trained = zip(runner.members["model"].module.named_parameters(), runner.members["model"].ema.module.parameters(),
                   params, ema, exp_avg, exp_avg_sq)
     for (name, p), e, want_p, want_e, want_m, want_v in trained:
         close(p.detach(), want_p, f"model.{name}")

@@ -22,6 +22,7 @@ from ctok.training.config import load_config
 from ctok.training.masking import MaskSchedule
 from ctok.training.runner import RunSection
 from ctok.training.sharding import BatchRandom, BatchSplit
+from ctok.training.task import StepLosses, TrainedModule
 from ctok.training.tokenizer import DiscriminatorObjective, TokenizerTask, TokenizerTrainingModel
 from ctok.training.tokenizer_config import (
     AlignmentSection,
@@ -129,16 +130,18 @@ def make_setup():
         )
         # An annealed schedule that stays at 0.5 for these steps: half of the 16 patches masked.
         masks = MaskSchedule(0.4, 0.6, schedule="anneal", start=0.5, steps=10**9) if tokenizer.masks_tokens else None
-        runner = SimpleNamespace(module={"model": model, "discriminator": objective}.__getitem__)
         recorder = Recorder(model)
         lpips = PooledDistance()
-        task = TokenizerTask(cfg, runner, recorder, objective, lpips, teachers, masks, torch.zeros(1, 3, 32, 32))
+        # the recorder stands where the runner's DDP wrapper would; the critic is called outside it
+        task = TokenizerTask(cfg, TrainedModule(module=model, wrapped=recorder),
+                             TrainedModule(module=objective, wrapped=objective), lpips, teachers, masks,
+                             torch.zeros(1, 3, 32, 32))
         return Setup(cfg, task, recorder, model, critic, lpips, teachers)
 
     return make
 
 
-def _run_step(setup: Setup, step: int) -> dict:
+def _run_step(setup: Setup, step: int) -> StepLosses:
     torch.manual_seed(1)
     images = torch.rand(BATCH, 3, 32, 32) * 2 - 1
     rng = BatchRandom(seed=3, step=step, split=BatchSplit(BATCH, 1, 1, 0), micro_step=0, device="cpu")
@@ -218,15 +221,17 @@ def test_generator_loss_is_the_weighted_sum_of_its_terms(make_setup, kind, recon
     setup = make_setup(kind, reconstruction=reconstruction)
     out = _run_step(setup, step)
     expected = _expected_terms(setup, step)
+    logged = out.logged()
     for name, value in expected.items():
-        torch.testing.assert_close(out[name], value, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(logged[name], value, msg=lambda m: f"{name}: {m}")
     # The GAN starts at gan.start_step exactly: before it neither the generator term nor a
     # discriminator loss exists (the runner then leaves the discriminator alone).
     gan_keys = {"gan/generator", "gan/adaptive_weight", "loss/discriminator"}
-    assert gan_keys <= set(out) if step >= GAN_START else not gan_keys & set(out)
+    assert gan_keys <= set(logged) if step >= GAN_START else not gan_keys & set(logged)
+    assert (out.discriminator is not None) == (step >= GAN_START)
     # Same value is not enough: the loss must also reach the parameters as the formula does.
     params = [p for p in setup.model.parameters() if p.requires_grad]
-    got = torch.autograd.grad(out["loss"], params, retain_graph=True, allow_unused=True)
+    got = torch.autograd.grad(out.model, params, retain_graph=True, allow_unused=True)
     want = torch.autograd.grad(expected["loss"], params, retain_graph=True, allow_unused=True)
     for g, w in zip(got, want):
         if w is None:
@@ -239,7 +244,7 @@ def test_masked_step_masks_the_scheduled_share_of_patches(make_setup):
     setup = make_setup("maetok")
     out = _run_step(setup, 3)
     mask = setup.recorder.calls[-1].mask
-    assert float(out["mask_ratio"]) == pytest.approx(0.5 * (1 - 3 / 10**9))
+    assert float(out.logs["mask_ratio"]) == pytest.approx(0.5 * (1 - 3 / 10**9))
     assert mask.shape == (BATCH, 16) and mask.sum(1).tolist() == [8] * BATCH
     assert len({tuple(row.tolist()) for row in mask}) > 1  # drawn per sample, not one mask for all
 
@@ -250,7 +255,7 @@ def test_a_step_whose_annealed_ratio_reached_zero_is_unmasked(make_setup):
     setup.task.masks = MaskSchedule(0.4, 0.6, schedule="anneal", start=0.6, steps=2)
     out = _run_step(setup, 3)
     call = setup.recorder.calls[-1]
-    assert float(out["mask_ratio"]) == 0.0 and call.mask is None
+    assert float(out.logs["mask_ratio"]) == 0.0 and call.mask is None
     with torch.no_grad():
         assert torch.equal(call.out.rec, setup.model.tokenizer.eval()(call.images))
 
@@ -261,20 +266,20 @@ def test_discriminator_loss_formula_and_isolation(make_setup, kind):
     out = _run_step(setup, GAN_START + 2)
     expected = _expected_terms(setup, GAN_START + 2)
     # L_D = w_gan (hinge + w_lecam LeCAM) + w_cr CR: the consistency term is not scaled by w_gan.
-    cr = out["disc/consistency"]
+    cr = out.logs["disc/consistency"]
     assert cr > 0
     adversarial = expected["disc/adversarial"] + GAN["lecam_weight"] * expected["disc/lecam"]
-    torch.testing.assert_close(out["loss/discriminator"], GAN["weight"] * adversarial + GAN["consistency_weight"] * cr)
+    torch.testing.assert_close(out.discriminator, GAN["weight"] * adversarial + GAN["consistency_weight"] * cr)
     # It trains the critic only: the reconstructions it saw were detached from the tokenizer.
     params = [p for p in setup.model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(out["loss/discriminator"], params, retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(out.discriminator, params, retain_graph=True, allow_unused=True)
     assert all(g is None for g in grads)
-    assert torch.autograd.grad(out["loss/discriminator"], setup.critic.weight, retain_graph=True)[0].any()
+    assert torch.autograd.grad(out.discriminator, setup.critic.weight, retain_graph=True)[0].any()
 
 
 def test_without_adaptive_weight_the_gan_term_has_its_plain_weight(make_setup):
     setup = make_setup("maetok", adaptive_weight=False)
     out = _run_step(setup, GAN_START)
     expected = _expected_terms(setup, GAN_START)
-    assert float(out["gan/adaptive_weight"]) == 1.0
-    torch.testing.assert_close(out["loss"], expected["loss"])
+    assert float(out.logs["gan/adaptive_weight"]) == 1.0
+    torch.testing.assert_close(out.model, expected["loss"])

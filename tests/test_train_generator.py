@@ -24,7 +24,7 @@ from ctok.latent_cache import build_latent_cache
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.distributed import init_distributed
-from ctok.training.generator import choose_latent_stats
+from ctok.training.generator_data import choose_latent_stats
 
 TINY_TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
                       decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8,

@@ -6,6 +6,10 @@
 * :mod:`~ctok.training.schedule`: learning-rate warm-up and decay.
 * :mod:`~ctok.training.checkpoint`: atomic, rotated checkpoints and random-generator states.
 * :mod:`~ctok.training.run_log`: console, JSONL, TensorBoard and W&B logging.
-* :mod:`~ctok.training.runner`: the loop itself, which every trainer plugs a ``training_step`` into.
-* :mod:`~ctok.training.generator`: SiT and DiT training on tokenizer latents.
+* :mod:`~ctok.training.runner`: the loop itself, which every trainer plugs a task into.
+* :mod:`~ctok.training.task`: what a task is, the typed losses its step returns, the modules it is handed.
+* :mod:`~ctok.training.members`: each trained module's device copy, DDP wrapper, AdamW and EMA.
+* :mod:`~ctok.training.generator`: SiT and DiT training on tokenizer latents
+  (:mod:`~ctok.training.generator_data`: the latents it trains on).
+* :mod:`~ctok.training.tokenizer`: SoftVQ-VAE and MAETok training.
 """

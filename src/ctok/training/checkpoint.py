@@ -5,17 +5,22 @@ temporary file in the same folder, flushed to disk, and renamed over its final n
 killed at any moment leaves either the previous set of checkpoints or the new one, never a partial
 file under a checkpoint name. Loading uses ``torch.load(weights_only=True)``: a checkpoint holds
 only tensors and plain data, so a tampered file cannot run code.
+
+Which checkpoint a run continues from (``run.resume``) and whether it may (the config must not
+have changed beyond the keys free on resume) is decided here too.
 """
 from __future__ import annotations
 
 import random
 import re
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 
 from ctok.atomic_files import atomic_write
+from ctok.settings_check import changed_keys, describe_changes
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -57,6 +62,52 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_resume_checkpoint(resume: bool | str, folder: str | Path) -> Path | None:
+    """The checkpoint ``run.resume`` names: the newest in ``folder`` (true), a given file (a path), or none.
+
+    ``false`` with checkpoints already in ``folder`` is refused rather than overwriting a run.
+    """
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"run.resume names checkpoint {path}, which does not exist")
+        return path
+    existing = list_checkpoints(folder)
+    if resume:
+        return existing[-1][1] if existing else None
+    if existing:
+        raise ValueError(f"run.resume is false but {folder} already holds checkpoints; "
+                         "resume (run.resume=true) or choose another run.out_dir")
+    return None
+
+
+def check_resumable(state: dict, path: Path, modules: Iterable[str], config: dict, free: set[str]) -> None:
+    """Refuse to continue from checkpoint ``state`` (read from ``path``) into a run that differs from it.
+
+    The checkpoint must hold every module of ``modules``, and the resolved ``config`` may differ from
+    the checkpoint's only at the dotted keys in ``free``.
+    """
+    missing = sorted(set(modules) - set(state["modules"]))
+    if missing:
+        raise ValueError(f"checkpoint {path} has no state for modules {missing}")
+    ours, theirs = _flatten(config), _flatten(state["config"])
+    changed = changed_keys(theirs, ours, ignore=free)
+    if changed:
+        detail = describe_changes(theirs, ours, changed)
+        raise ValueError(f"cannot resume from {path}: the config changed ({detail}); "
+                         f"only {sorted(free)} may change on resume")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def capture_rng_state() -> dict:

@@ -74,6 +74,9 @@ def build_config(schema: type[T], tree: dict, where: str = "") -> T:
     if not isinstance(tree, dict):
         raise ValueError(f"config section {where or '<top>'!r} must be a mapping, got {tree!r}")
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    for old, new in getattr(schema, "renamed_keys", {}).items():  # a schema's ClassVar: {old key: new key}
+        if old in tree:
+            raise ValueError(f"config key {_join(where, old)!r} is now called {_join(where, new)!r}: rename it")
     unknown = sorted(set(tree) - set(fields))
     if unknown:
         names = ", ".join(repr(_join(where, k)) for k in unknown)

@@ -1,13 +1,10 @@
 """Training SiT and DiT on a tokenizer's latents: ``ctok train-sit`` and ``ctok train-dit``.
 
 The latents come from a cache made by ``ctok cache-latents`` (``data.latents``), or, for small
-runs, from images encoded on the fly (``data.images``). Either way they are normalised,
-``(z - mean) / std``, before the generator sees them. The two scalars are the tokenizer config's
-``vq_mean``/``vq_std`` when those are set (released tokenizers carry them), else the cache's
-statistics (or, on the fly, statistics of the first images). The exported generator's config.json
-records them in ``latent_stats`` together with the tokenizer's identity, so sampling can undo the
-normalisation and refuse to decode with another tokenizer. Forgetting the normalisation is not
-possible here: it is applied inside the data path, not left to the user.
+runs, from images encoded on the fly (``data.images``), normalised on the way
+(:mod:`ctok.training.generator_data`). The exported generator's config.json records the
+normalisation in ``latent_stats`` together with the tokenizer's identity, so sampling can undo it
+and refuse to decode with another tokenizer.
 
 Objectives (one per command):
 
@@ -30,23 +27,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ctok.data import open_images
 from ctok.hub import load_tokenizer
-from ctok.latent_cache import LatentCache, LatentStatistics
+from ctok.latent_cache import LatentCache
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord, build_preset
 from ctok.sampling.flow import FlowPath, sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
 from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
+from ctok.training.generator_data import CachedLatents, EncodedImages, choose_latent_stats
 from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
 from ctok.training.sharding import BatchRandom
+from ctok.training.task import StepLosses
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -82,7 +80,9 @@ class ModelSection:
 class FlowSection:
     """``flow:`` SiT's interpolation path, prediction target and time distribution."""
 
-    path: Literal["linear", "cosine"] = "linear"
+    # The path's key is named as in SiT configs and the samplers; a config with the old name is told so.
+    renamed_keys: ClassVar[dict[str, str]] = {"path": "path_type"}
+    path_type: Literal["linear", "cosine"] = "linear"
     prediction: Literal["v"] = "v"  # velocity, as the published recipe; the only target implemented
     time_sampling: Literal["uniform", "lognormal"] = "lognormal"
 
@@ -132,60 +132,6 @@ FREE_ON_RESUME = ("tokenizer", "data.num_workers", "samples.num_images", "sample
                   "samples.seed")
 
 
-# -- latents ---------------------------------------------------------------------------------
-def choose_latent_stats(tokenizer, cache: LatentCache | None, images: Dataset | None, num_images: int) -> LatentStats:
-    """The tokenizer config's vq_mean/vq_std if set, else the cache's statistics, else the first images'."""
-    own = LatentStats.of_tokenizer(tokenizer)
-    if (own.mean, own.std) != (0.0, 1.0):
-        return own
-    if cache is not None:
-        return LatentStats(cache.info.mean, cache.info.std, f"latent cache {cache.info.folder}")
-    count = min(num_images, len(images))
-    stats = LatentStatistics(tokenizer.latent_dim)
-    device = next(tokenizer.parameters()).device
-    with torch.no_grad():
-        for start in range(0, count, 64):
-            batch = torch.stack([images[i][0] for i in range(start, min(start + 64, count))])
-            stats.update(tokenizer.encode(batch.to(device)))
-    summary = stats.summary()
-    return LatentStats(summary["mean"], summary["std"], f"statistics of the first {count} training images")
-
-
-class CachedLatents:
-    """Batches of a :class:`LatentCache`: picks one stored view per sample and normalises."""
-
-    def __init__(self, stats: LatentStats):
-        self.stats = stats
-
-    def __call__(self, batch, rng: BatchRandom) -> tuple[torch.Tensor, torch.Tensor]:
-        views, labels = batch
-        choice = rng.randint(views.shape[1])
-        z = views[torch.arange(views.shape[0], device=views.device), choice]
-        return self.stats.normalize(z), labels
-
-
-class EncodedImages:
-    """Batches of images, encoded by the frozen tokenizer (mirrored at random when ``flip``)."""
-
-    def __init__(self, tokenizer: nn.Module, stats: LatentStats, flip: bool):
-        self.tokenizer = tokenizer
-        self.stats = stats
-        self.flip = flip
-
-    def __call__(self, batch, rng: BatchRandom) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = batch[0], batch[1]
-        if images.shape[0] != rng.split.micro_batch:
-            skipped = list(getattr(batch, "skipped", ()))
-            raise ValueError(f"a batch lost {rng.split.micro_batch - images.shape[0]} images to unreadable files "
-                             f"{skipped[:5]}: remove them, or train from a latent cache")
-        if self.flip:
-            mirror = rng.rand() < 0.5
-            images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
-        with torch.no_grad():
-            z = self.tokenizer.encode(images).float()
-        return self.stats.normalize(z), labels
-
-
 # -- objectives ------------------------------------------------------------------------------
 def drop_labels(labels: torch.Tensor, rng: BatchRandom, prob: float, null_class: int) -> torch.Tensor:
     if prob <= 0:
@@ -228,14 +174,14 @@ class FlowMatchingTask(GeneratorTask):
     def __init__(self, *args, flow: FlowSection, **kwargs):
         super().__init__(*args, **kwargs)
         self.time_sampling = flow.time_sampling
-        # The config key is ``flow.path`` (the YAML's word); it is a path type, as a SiT config names it.
-        self.path = FlowPath(flow.path)
+        self.path = FlowPath(flow.path_type)
 
-    def training_step(self, batch, step: int, rng: BatchRandom) -> dict[str, torch.Tensor]:
+    def training_step(self, batch, step: int, rng: BatchRandom) -> StepLosses:
+        """The velocity-matching loss of a micro-batch."""
         x0, labels = self.inputs(batch, rng)
         t = self.path.sample_time(rng, self.time_sampling)
         noise = rng.randn(*x0.shape[1:])
-        return {"loss": self.path.training_loss(self.model, x0, t, labels, noise)}
+        return StepLosses(model=self.path.training_loss(self.model, x0, t, labels, noise))
 
     def sample_images(self, step: int) -> torch.Tensor:
         noise, labels = self.sample_noise()
@@ -250,12 +196,14 @@ class DiffusionTask(GeneratorTask):
         self.settings = diffusion
         self.diffusion = GaussianDiffusion(diffusion.schedule, 1000)
 
-    def training_step(self, batch, step: int, rng: BatchRandom) -> dict[str, torch.Tensor]:
+    def training_step(self, batch, step: int, rng: BatchRandom) -> StepLosses:
+        """The hybrid loss of a micro-batch; its terms (``mse``, ``vb`` with learned sigma) are logged."""
         x0, labels = self.inputs(batch, rng)
         t = rng.randint(self.diffusion.num_timesteps)
         noise = rng.randn(*x0.shape[1:])
-        terms = self.diffusion.training_losses(self.model, x0, t, labels, noise)
-        return {name: value.mean() for name, value in terms.items()}
+        losses = self.diffusion.training_losses(self.model, x0, t, labels, noise)
+        terms = {name: value.mean() for name, value in losses.items() if name != "loss"}
+        return StepLosses(model=losses["loss"].mean(), logs=terms)
 
     def sample_images(self, step: int) -> torch.Tensor:
         noise, labels = self.sample_noise()
@@ -297,7 +245,7 @@ def build_generator(kind: str, cfg: GeneratorTrainConfig, num_tokens: int, laten
     overrides.update(mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm, class_dropout_prob=m.class_dropout_prob,
                      latent_stats=stats, tokenizer=tokenizer)
     if kind == "sit":
-        overrides["path_type"] = cfg.flow.path
+        overrides["path_type"] = cfg.flow.path_type
     else:
         overrides.update(learn_sigma=cfg.diffusion.learn_sigma, noise_schedule=cfg.diffusion.schedule)
     return build_preset(m.preset, input_size=num_tokens, in_channels=latent_dim, num_classes=m.num_classes,
@@ -311,10 +259,13 @@ def check_labels_fit(label_range: tuple[int, int], num_classes: int, where: str)
                          f"set model.num_classes to at least {high + 1}")
 
 
-def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
-    """Train a SiT (``kind="sit"``) or DiT (``"dit"``) as ``cfg`` says; returns the exported folder."""
-    # Everything that can be wrong with the inputs is checked before a process group or a network
-    # exists, the cheap checks first.
+def open_training_data(kind: str, cfg: GeneratorTrainConfig):
+    """The latent cache or the image dataset of ``cfg.data``, and the frozen tokenizer, checked against the config.
+
+    Returns ``(cache, images, tokenizer, source)``: exactly one of ``cache`` and ``images`` is set;
+    ``source`` is the tokenizer's folder or hub id. Everything that can be wrong with the inputs is
+    checked here, before a process group or a network exists, the cheap checks first.
+    """
     if (cfg.data.latents is None) == (cfg.data.images is None):
         raise ValueError("set exactly one of data.latents (a cache from `ctok cache-latents`) and data.images")
     check_model_section(kind, cfg.model)
@@ -347,7 +298,12 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
                              f"data.images {cfg.data.images}")
         elif getattr(images, "classes", None):
             check_labels_fit((0, len(images.classes) - 1), cfg.model.num_classes, f"data.images {cfg.data.images}")
+    return cache, images, tokenizer, source
 
+
+def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
+    """Train a SiT (``kind="sit"``) or DiT (``"dit"``) as ``cfg`` says; returns the exported folder."""
+    cache, images, tokenizer, source = open_training_data(kind, cfg)
     ctx = init_distributed(cfg.run.device)
     try:
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
@@ -357,10 +313,10 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         network = build_generator(kind, cfg, tokenizer.num_tokens, tokenizer.latent_dim, stats,
                                   TokenizerRecord(tokenizer.identity(), str(source)))
         network.eval()  # see the module docstring: label dropout is drawn by the task
-        model = runner.add_module("model", network, optim=cfg.optim, ema_decay=cfg.ema.decay)
+        model = runner.add_model(network, optim=cfg.optim, ema_decay=cfg.ema.decay)
         latents = CachedLatents(stats) if cache is not None else EncodedImages(tokenizer, stats, cfg.data.flip)
-        common = dict(model=model, ema=runner.ema_module("model"), latents=latents, tokenizer=tokenizer,
-                      stats=stats, samples=cfg.samples)
+        common = dict(model=model.wrapped, ema=model.ema, latents=latents, tokenizer=tokenizer, stats=stats,
+                      samples=cfg.samples)
         task = (FlowMatchingTask(**common, flow=cfg.flow) if kind == "sit"
                 else DiffusionTask(**common, diffusion=cfg.diffusion))
         if ctx.is_main:
@@ -371,7 +327,7 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         out = Path(cfg.run.out_dir) / "final"
         if ctx.is_main:
             # The EMA copy carries the network's config, latent statistics and tokenizer included.
-            runner.ema_module("model").save_pretrained(out)
+            model.ema.save_pretrained(out)
             tqdm.write(f"exported the EMA weights to {out}")
         return out
     finally:

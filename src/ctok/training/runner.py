@@ -1,40 +1,32 @@
 """The training loop every ctok trainer shares: DDP, accumulation, clipping, EMA, checkpoints, logs.
 
-A trainer registers its networks with a :class:`Runner` and hands it a *task*: an object with
-
-* ``training_step(batch, step, rng) -> dict[str, Tensor]`` computing this process's micro-batch
-  losses (scalar tensors). ``"loss"`` is minimised for the first registered trainable module, ``"loss/<name>"`` for
-  the module registered as ``name``; a module whose loss is absent is not updated this step. Every
-  entry is logged. Per-sample random numbers come from ``rng`` (a :class:`BatchRandom`), never
-  from the global generators, so that the result does not depend on the number of processes.
-* ``sample_images(step) -> Tensor | None`` images in [-1, 1], shape (B, 3, H, W), saved as a PNG
-  grid every ``run.sample_every`` steps (called on rank 0 only).
-
-The runner does everything else: device placement, DistributedDataParallel, bf16 autocast and TF32
-on CUDA, torch.compile, gradient accumulation, the learning-rate schedule, gradient clipping,
-AdamW, the fp32 EMA (timm's ModelEmaV3), checkpoints that resume exactly, the JSONL log and the
-progress bar. Generator training (:mod:`ctok.training.generator`) is::
+A trainer registers the network it trains (``add_model``) and, for a GAN, a discriminator
+(``add_discriminator``), hands the returned :class:`~ctok.training.task.TrainedModule` objects to
+its *task*, and calls :meth:`Runner.fit` with the task (see :mod:`ctok.training.task` for what a
+task is). Generator training (:mod:`ctok.training.generator`) is::
 
     ctx = init_distributed(cfg.run.device)
     runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size)
     sit = build_preset("SiT-XL/1", ...)            # after Runner(): it seeds the initialisation
-    net = runner.add_module("model", sit, optim=cfg.optim, ema_decay=cfg.ema.decay)
-    runner.fit(FlowMatchingTask(net, ...), latent_dataset, num_workers=cfg.data.num_workers)
-    runner.ema_module("model").save_pretrained(out)
+    net = runner.add_model(sit, optim=cfg.optim, ema_decay=cfg.ema.decay)
+    runner.fit(FlowMatchingTask(net.wrapped, net.ema, ...), latent_dataset, num_workers=cfg.data.num_workers)
+    net.ema.save_pretrained(out)
 
-Tokenizer training plugs in the same way, with a second network and optimizer::
+Tokenizer training adds its discriminator, whose task returns both losses of a micro-batch::
 
-    tok = runner.add_module("model", tokenizer, optim=cfg.optim, ema_decay=cfg.ema.decay)
-    disc = runner.add_module("discriminator", discriminator, optim=cfg.disc_optim)
-    runner.fit(TokenizerTask(tok, disc, ...), image_dataset, num_workers=...)
+    tok = runner.add_model(training_model, optim=cfg.optim, ema_decay=cfg.ema.decay)
+    disc = runner.add_discriminator(objective, optim=cfg.gan.optim)
+    runner.fit(TokenizerTask(cfg, tok, disc, ...), image_dataset, num_workers=...)
 
-and its ``training_step`` returns ``{"loss": generator_loss, "loss/discriminator": d_loss, ...}``
-(leaving out ``loss/discriminator`` before the GAN starts). Each loss only reaches its own module's
-parameters (``backward(inputs=...)``), so the generator loss flowing through the discriminator
-leaves the discriminator's gradients alone. Modules that are not trained (LPIPS, a frozen teacher)
-are not registered. Under DDP, a module whose forward was run through its DDP wrapper must receive
-gradients in the same step: evaluate the discriminator for the generator loss through
-``runner.module("discriminator")`` (the plain module) instead.
+One step, for each of ``run.grad_accum`` micro-batches: ``training_step`` under autocast, then
+``StepLosses.model`` back-propagated into the model's parameters and ``StepLosses.discriminator``
+(when not None) into the discriminator's; after the last micro-batch, each module that got a loss
+takes its learning rate, clipping, AdamW step and EMA update. Modules that are not trained (LPIPS,
+a frozen teacher) are not registered.
+
+The runner does everything else: device placement, DistributedDataParallel, bf16 autocast and TF32
+on CUDA, torch.compile, the learning-rate schedule, the fp32 EMA (timm's ModelEmaV3), checkpoints
+that resume exactly, the JSONL log and the progress bar.
 
 Run folder: ``config.yaml`` (the resolved config), ``checkpoints/step-XXXXXXXX.pt`` (the newest
 ``run.keep_last``), ``log.jsonl``, ``samples/step-XXXXXXXX.png``.
@@ -46,20 +38,18 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Protocol
+from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn as nn
-from timm.utils.model_ema import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ctok.atomic_files import save_image_grid
-from ctok.settings_check import changed_keys, describe_changes
 from ctok.training.checkpoint import (
     capture_rng_state,
-    list_checkpoints,
+    check_resumable,
+    find_resume_checkpoint,
     load_checkpoint,
     remove_stale_temporaries,
     restore_rng_state,
@@ -67,9 +57,11 @@ from ctok.training.checkpoint import (
 )
 from ctok.training.config import save_yaml
 from ctok.training.distributed import DistContext, barrier, gather_objects, mean_over_processes
+from ctok.training.members import Member, register
 from ctok.training.run_log import RunLog
 from ctok.training.schedule import lr_factor
 from ctok.training.sharding import BatchRandom, BatchSplit, GlobalBatchSampler
+from ctok.training.task import StepLosses, TrainedModule, TrainingTask
 from ctok.uint8 import to_uint8_round
 
 
@@ -125,29 +117,8 @@ FREE_ON_RESUME = frozenset({"run.out_dir", "run.max_steps", "run.log_every", "ru
                             "run.wandb"})
 
 
-class TrainingTask(Protocol):
-    def training_step(self, batch: Any, step: int, rng: BatchRandom) -> dict[str, torch.Tensor]: ...
-
-    def sample_images(self, step: int) -> torch.Tensor | None: ...
-
-
-@dataclass
-class _Member:
-    module: nn.Module  # the plain module: state dicts, EMA, export
-    ddp: DistributedDataParallel | None
-    forward: nn.Module  # what the task calls: compiled and/or DDP-wrapped
-    optimizer: torch.optim.Optimizer | None
-    optim: OptimSection | None
-    base_lr: float
-    ema: ModelEmaV3 | None
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-
 class Runner:
-    """One training run: registered modules, the loop, its checkpoints and its logs."""
+    """One training run: the model (and a discriminator), the loop, its checkpoints and its logs."""
 
     def __init__(self, run: RunSection, config: dict, ctx: DistContext, *, global_batch: int,
                  free_on_resume: Iterable[str] = ()):
@@ -167,8 +138,9 @@ class Runner:
         self.split = BatchSplit(global_batch, run.grad_accum, ctx.world_size, ctx.rank)
         self.run_dir = Path(run.out_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.members: dict[str, _Member] = {}
-        self._resume_from = self._find_resume_checkpoint()
+        # "model" and "discriminator": also their names in checkpoints and (suffixes) in the log
+        self.members: dict[str, Member] = {}
+        self._resume_from = find_resume_checkpoint(run.resume, self.checkpoint_dir)
         on_cuda = ctx.device.type == "cuda"
         if on_cuda and run.tf32:
             torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside bf16 autocast
@@ -178,44 +150,20 @@ class Runner:
         torch.manual_seed(run.seed)
 
     # -- registration ----------------------------------------------------------------------
-    def add_module(self, name: str, module: nn.Module, *, optim: OptimSection | None = None,
-                   ema_decay: float | None = None) -> nn.Module:
-        """Put ``module`` on the device, wrap it for DDP/compile, and give it AdamW and an EMA.
+    def add_model(self, module: nn.Module, *, optim: OptimSection, ema_decay: float | None = None) -> TrainedModule:
+        """Register the network that ``StepLosses.model`` trains, with AdamW and (given a decay) an EMA."""
+        return self._register("model", module, optim, ema_decay)
 
-        Returns what the task should call in its forward pass.
-        """
-        if name in self.members:
-            raise ValueError(f"a module named {name!r} is already registered")
-        module = module.to(self.ctx.device)
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        if optim is not None and not trainable:
-            raise ValueError(f"module {name!r} has an optimizer but no trainable parameters")
-        ddp = None
-        forward = module
-        if self.ctx.is_distributed and trainable:
-            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            ddp = forward = DistributedDataParallel(module, device_ids=ids)
-        if self.run.compile:
-            forward = torch.compile(forward)
-        optimizer, base_lr = None, 0.0
-        if optim is not None:
-            base_lr = optim.lr * (self.split.global_batch / 256 if optim.scale_lr else 1.0)
-            optimizer = torch.optim.AdamW(trainable, lr=base_lr, betas=optim.betas, eps=optim.eps,
-                                          weight_decay=optim.weight_decay,
-                                          fused=self.ctx.device.type == "cuda")
-        ema = ModelEmaV3(module, decay=ema_decay, dtype=torch.float32, exclude_buffers=True) \
-            if ema_decay is not None else None
-        self.members[name] = _Member(module, ddp, forward, optimizer, optim, base_lr, ema)
-        return forward
+    def add_discriminator(self, module: nn.Module, *, optim: OptimSection) -> TrainedModule:
+        """Register the network that ``StepLosses.discriminator`` trains, with its own AdamW."""
+        return self._register("discriminator", module, optim, None)
 
-    def module(self, name: str) -> nn.Module:
-        return self.members[name].module
-
-    def ema_module(self, name: str) -> nn.Module:
-        ema = self.members[name].ema
-        if ema is None:
-            raise ValueError(f"module {name!r} was registered without an EMA")
-        return ema.module
+    def _register(self, role: str, module: nn.Module, optim: OptimSection, ema_decay: float | None) -> TrainedModule:
+        if role in self.members:
+            raise ValueError(f"a {role} is already registered")
+        self.members[role] = register(module, self.ctx, optim=optim, global_batch=self.split.global_batch,
+                                      compile=self.run.compile, ema_decay=ema_decay)
+        return self.members[role].handle()
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self, task: TrainingTask, dataset: Dataset, *, num_workers: int = 0, collate_fn=None) -> None:
@@ -223,8 +171,8 @@ class Runner:
 
         ``collate_fn`` defaults to the dataset's own ``collate`` method when it has one.
         """
-        if not any(m.optimizer for m in self.members.values()):
-            raise ValueError("no module with an optimizer is registered")
+        if "model" not in self.members:
+            raise ValueError("no model is registered: call Runner.add_model before fit")
         start = self._load_resume_checkpoint()
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,27 +215,40 @@ class Runner:
             log.close()
 
     def _train_step(self, task: TrainingTask, batches, step: int) -> dict[str, torch.Tensor]:
+        """One step: the gradients of ``run.grad_accum`` micro-batches, then the updates they call for."""
         accum = self.run.grad_accum
         metrics: dict[str, torch.Tensor] = {}
-        updated: set[str] = set()
+        discriminator_trained = False
         for micro in range(accum):
             batch = _to_device(next(batches), self.ctx.device)
             rng = BatchRandom(self.run.seed, step, self.split, micro, self.ctx.device)
-            with contextlib.ExitStack() as stack:
-                if micro < accum - 1:
-                    # Gradients are summed locally and reduced across processes only once per step.
-                    for member in self.members.values():
-                        if member.ddp is not None:
-                            stack.enter_context(member.ddp.no_sync())
+            # Gradients are summed locally and reduced across processes only in the last micro-batch.
+            with self._no_sync() if micro < accum - 1 else contextlib.nullcontext():
                 with self._autocast():
-                    out = task.training_step(batch, step, rng)
-                targets = self._loss_targets(out)
-                for i, (name, loss) in enumerate(targets):
-                    torch.autograd.backward(loss / accum, inputs=self.members[name].params,
-                                            retain_graph=i < len(targets) - 1)
-                    updated.add(name)
-            for key, value in out.items():
+                    losses = task.training_step(batch, step, rng)
+                self._check_losses(losses)
+                # Each loss reaches only its own module's parameters: the model's loss runs through the
+                # discriminator (the adversarial term) and must leave the discriminator's gradients alone.
+                # The discriminator judges detached images: its loss shares no graph with the model's.
+                (losses.model / accum).backward(inputs=self.members["model"].params)
+                if losses.discriminator is not None:
+                    (losses.discriminator / accum).backward(inputs=self.members["discriminator"].params)
+                    discriminator_trained = True
+            for key, value in losses.logged().items():
                 metrics[key] = metrics.get(key, 0.0) + value.detach().float() / accum
+        updated = ["model", "discriminator"] if discriminator_trained else ["model"]
+        return {**metrics, **self._update(step, updated)}
+
+    def _check_losses(self, losses: StepLosses) -> None:
+        if not isinstance(losses, StepLosses):
+            raise TypeError(f"training_step must return StepLosses (ctok.training.task), got {type(losses).__name__}")
+        if losses.discriminator is not None and "discriminator" not in self.members:
+            raise ValueError("training_step returned a discriminator loss, but no discriminator is registered "
+                             "(Runner.add_discriminator)")
+
+    def _update(self, step: int, updated: list[str]) -> dict[str, torch.Tensor]:
+        """The optimizer step of each module in ``updated``: learning rate, clipping, AdamW, EMA."""
+        metrics: dict[str, torch.Tensor] = {}
         for name in updated:
             member = self.members[name]
             factor = lr_factor(step, kind=member.optim.schedule, warmup_steps=member.optim.warmup_steps,
@@ -300,30 +261,18 @@ class Runner:
             member.optimizer.zero_grad(set_to_none=True)
             if member.ema is not None:
                 member.ema.update(member.module)
-            suffix = "" if name == self._main_name else f"/{name}"
+            suffix = "" if name == "model" else f"/{name}"
             metrics[f"lr{suffix}"] = torch.tensor(member.base_lr * factor, dtype=torch.float64)
             metrics[f"grad_norm{suffix}"] = grad_norm.detach().float()
         return metrics
 
-    @property
-    def _main_name(self) -> str:
-        return next(name for name, m in self.members.items() if m.optimizer is not None)
-
-    def _loss_targets(self, out: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-        targets = []
-        for key, value in out.items():
-            if key == "loss":
-                targets.append((self._main_name, value))
-            elif key.startswith("loss/"):
-                name = key.removeprefix("loss/")
-                if name not in self.members or self.members[name].optimizer is None:
-                    trained = [n for n, m in self.members.items() if m.optimizer is not None]
-                    raise ValueError(f"training_step returned {key!r} but no trained module is named {name!r}; "
-                                     f"trained modules: {trained}")
-                targets.append((name, value))
-        if not targets:
-            raise ValueError(f"training_step must return 'loss' (or 'loss/<module>'), got keys {sorted(out)}")
-        return targets
+    def _no_sync(self) -> contextlib.ExitStack:
+        """DDP's no_sync of every registered module: gradients stay local until the step's last micro-batch."""
+        stack = contextlib.ExitStack()
+        for member in self.members.values():
+            if member.ddp is not None:
+                stack.enter_context(member.ddp.no_sync())
+        return stack
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -331,32 +280,16 @@ class Runner:
         return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _find_resume_checkpoint(self) -> Path | None:
-        resume = self.run.resume
-        if isinstance(resume, str):
-            path = Path(resume)
-            if not path.is_file():
-                raise FileNotFoundError(f"run.resume names checkpoint {path}, which does not exist")
-            return path
-        existing = list_checkpoints(self.checkpoint_dir)
-        if resume:
-            return existing[-1][1] if existing else None
-        if existing:
-            raise ValueError(f"run.resume is false but {self.checkpoint_dir} already holds checkpoints; "
-                             "resume (run.resume=true) or choose another run.out_dir")
-        return None
-
     def _load_resume_checkpoint(self) -> int:
         if self._resume_from is None:
             return 0
         state = load_checkpoint(self._resume_from)
-        self._check_resumable(state)
+        check_resumable(state, self._resume_from, self.members, self.config, self.free_on_resume)
         for name, member in self.members.items():
             member.module.load_state_dict(state["modules"][name])
             if member.ema is not None:
                 member.ema.module.load_state_dict(state["ema"][name])
-            if member.optimizer is not None:
-                member.optimizer.load_state_dict(state["optimizers"][name])
+            member.optimizer.load_state_dict(state["optimizers"][name])
         if len(state["rng"]) == self.ctx.world_size:
             restore_rng_state(state["rng"][self.ctx.rank])
         else:
@@ -365,17 +298,6 @@ class Runner:
         if self.ctx.is_main:
             tqdm.write(f"resuming from {self._resume_from} (step {state['step']})")
         return int(state["step"])
-
-    def _check_resumable(self, state: dict) -> None:
-        missing = sorted(set(self.members) - set(state["modules"]))
-        if missing:
-            raise ValueError(f"checkpoint {self._resume_from} has no state for modules {missing}")
-        ours, theirs = _flatten(self.config), _flatten(state["config"])
-        changed = changed_keys(theirs, ours, ignore=self.free_on_resume)
-        if changed:
-            detail = describe_changes(theirs, ours, changed)
-            raise ValueError(f"cannot resume from {self._resume_from}: the config changed ({detail}); "
-                             f"only {sorted(self.free_on_resume)} may change on resume")
 
     def _save_checkpoint(self, step: int, sampler: GlobalBatchSampler) -> None:
         rng = gather_objects(capture_rng_state(), self.ctx)
@@ -388,7 +310,7 @@ class Runner:
                 "rng": rng,
                 "modules": {n: m.module.state_dict() for n, m in self.members.items()},
                 "ema": {n: m.ema.module.state_dict() for n, m in self.members.items() if m.ema is not None},
-                "optimizers": {n: m.optimizer.state_dict() for n, m in self.members.items() if m.optimizer},
+                "optimizers": {n: m.optimizer.state_dict() for n, m in self.members.items()},
             }
             save_checkpoint(state, self.checkpoint_dir, step, self.run.keep_last)
         barrier()
@@ -415,12 +337,3 @@ def _to_device(batch: Any, device: torch.device) -> Any:
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
 
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

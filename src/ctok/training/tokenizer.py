@@ -51,6 +51,7 @@ from ctok.training.distributed import init_distributed, shutdown_distributed
 from ctok.training.masking import MaskSchedule, random_patch_mask
 from ctok.training.runner import Runner
 from ctok.training.sharding import BatchRandom
+from ctok.training.task import StepLosses, TrainedModule
 from ctok.training.tokenizer_config import TokenizerTrainConfig, check_options, tokenizer_config
 from ctok.training.tokenizer_setup import (
     build_discriminator,
@@ -107,51 +108,80 @@ class DiscriminatorObjective(nn.Module):
         self.strong_augment = strong_augment()
 
     def forward(self, real: torch.Tensor, fake: torch.Tensor, rand: Uniform,
-                gan_weight: float) -> dict[str, torch.Tensor]:
+                gan_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_D of a micro-batch (real images, reconstructions; both detached here) and its terms for the log."""
         real, fake = real.detach(), fake.detach()
         seen_real = self.augment(real, rand) if self.augment else real
         seen_fake = self.augment(fake, rand) if self.augment else fake
         logits_real = self.discriminator(seen_real)
         logits_fake = self.discriminator(seen_fake)
         loss = self.loss(logits_real, logits_fake)
-        out = {"disc/logits_real": logits_real.detach().mean(), "disc/logits_fake": logits_fake.detach().mean(),
-               "disc/adversarial": loss.detach()}
+        logs = {"disc/logits_real": logits_real.detach().mean(), "disc/logits_fake": logits_fake.detach().mean(),
+                "disc/adversarial": loss.detach()}
         if self.lecam is not None:
             self.lecam.update(logits_real, logits_fake)
             lecam = self.lecam(logits_real, logits_fake)
             loss = loss + self.lecam_weight * lecam
-            out["disc/lecam"] = lecam.detach()
+            logs["disc/lecam"] = lecam.detach()
         loss = gan_weight * loss
         if self.consistency_weight > 0:
             cr = consistency_loss(self.discriminator, real, fake, logits_real, logits_fake, self.strong_augment, rand)
             loss = loss + self.consistency_weight * cr
-            out["disc/consistency"] = cr.detach()
-        out["loss/discriminator"] = loss
-        return out
+            logs["disc/consistency"] = cr.detach()
+        return loss, logs
 
 
 # -- the task --------------------------------------------------------------------------------
 class TokenizerTask:
-    """The runner's task: L_G for ``model`` and L_D for ``discriminator`` per micro-batch."""
+    """The runner's task: per micro-batch, L_G for ``model``, then (from gan.start_step) L_D for ``discriminator``.
 
-    def __init__(self, cfg: TokenizerTrainConfig, runner: Runner, model: nn.Module, discriminator: nn.Module | None,
+    ``model`` is the registered :class:`TokenizerTrainingModel`, ``discriminator`` the registered
+    :class:`DiscriminatorObjective` (None without a GAN).
+    """
+
+    def __init__(self, cfg: TokenizerTrainConfig, model: TrainedModule, discriminator: TrainedModule | None,
                  lpips: LPIPSLoss | None, teachers: dict[str, FrozenViTFeatures], masks: MaskSchedule | None,
                  sample_images: torch.Tensor):
         self.cfg = cfg
-        self.runner = runner
-        self.model = model  # what to call: DDP-wrapped under torchrun
-        self.plain = runner.module("model")
+        self.model = model
+        self.tokenizer = model.module.tokenizer  # the plain network: its config, quantiser and last layer
         self.discriminator = discriminator
         self.lpips = lpips
         self.teachers = teachers
         self.masks = masks
         self.fixed_images = sample_images
-        self.patch_size = self.plain.tokenizer.config.enc_patch_size
         self.gen_loss = gan_losses(cfg.gan.loss)[1]
         self.gen_augment = DiffAugment() if cfg.gan.diffaugment else None
 
-    def training_step(self, batch, step: int, rng: BatchRandom) -> dict[str, torch.Tensor]:
-        """L_G (``loss``), from gan.start_step L_D (``loss/discriminator``), and the metrics of a micro-batch."""
+    def training_step(self, batch, step: int, rng: BatchRandom) -> StepLosses:
+        """L_G, from gan.start_step L_D, and the logs of a micro-batch (terms named as in the module docstring)."""
+        images, rand, logs = self._inputs(batch, step, rng)
+        mask = None  # no masking: SoftVQ, or a ratio that rounds to no patch (an annealed one reaching 0)
+        if self.masks is not None:
+            ratio = self.masks.step_ratio(self.cfg.run.seed, step)
+            mask = random_patch_mask(rand(self.tokenizer.num_patches), ratio)
+            logs["mask_ratio"] = torch.tensor(ratio)
+
+        # Generator phase: reconstruct, then L_G = nll + the latents' terms (+ from gan.start_step the GAN term).
+        out = self.model.wrapped(images, mask, self._aux_targets(images))
+        rec = out.rec.float()
+        nll, terms = self._nll(images, rec, step)
+        logs.update(terms)
+        latent, terms = self._latent_loss(out, images)
+        logs.update(terms)
+        model_loss = nll + latent
+        gan_weight = gan_weight_at(step, self.cfg.gan.weight, self.cfg.gan.start_step)
+        if self.discriminator is None or gan_weight <= 0:
+            return StepLosses(model=model_loss, discriminator=None, logs=logs)
+        adversarial, terms = self._adversarial_term(nll, rec, rand, gan_weight)
+        logs.update(terms)
+
+        # Discriminator phase: L_D on the real images and the (detached) reconstructions.
+        disc_loss, terms = self.discriminator.wrapped(images, rec, rand, gan_weight)
+        return StepLosses(model=model_loss + adversarial, discriminator=disc_loss, logs={**logs, **terms})
+
+    def _inputs(self, batch, step: int, rng: BatchRandom) -> tuple[torch.Tensor, Uniform, dict[str, torch.Tensor]]:
+        """The readable images (mirrored per sample with data.flip), the per-sample draws, the first logs."""
         images, skipped = batch[0], getattr(batch, "skipped", ())
         if skipped:
             tqdm.write(f"step {step}: skipped {len(skipped)} unreadable image file(s): {', '.join(skipped[:3])}"
@@ -165,65 +195,61 @@ class TokenizerTask:
 
         if self.cfg.data.flip:
             images = torch.where((rand() < 0.5)[:, None, None, None], images.flip(-1), images)
-        metrics: dict[str, torch.Tensor] = {"skipped_files": torch.tensor(float(len(skipped)))}
+        return images, rand, {"skipped_files": torch.tensor(float(len(skipped)))}
 
-        mask = None  # no masking: SoftVQ, or a ratio that rounds to no patch (an annealed one reaching 0)
-        if self.masks is not None:
-            ratio = self.masks.step_ratio(self.cfg.run.seed, step)
-            mask = random_patch_mask(rand(self.plain.tokenizer.num_patches), ratio)
-            metrics["mask_ratio"] = torch.tensor(ratio)
-
-        out = self.model(images, mask, self._aux_targets(images))
-        rec = out.rec.float()
+    def _nll(self, images: torch.Tensor, rec: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """w_rec |x - x̂|^2 (or |x - x̂|) + w_p(step) LPIPS(x, x̂)."""
         rec_loss = (F.mse_loss if self.cfg.loss.reconstruction == "mse" else F.l1_loss)(rec, images)
         nll = self.cfg.loss.reconstruction_weight * rec_loss
+        logs = {"rec": rec_loss.detach()}
         if self.lpips is not None:
             p_loss = self.lpips(images, rec)
             nll = nll + perceptual_weight_at(step, self.cfg.loss.perceptual_weight,
                                              self.cfg.loss.perceptual_warmup) * p_loss
-            metrics["lpips"] = p_loss.detach()
-        loss = nll + out.entropy_loss
-        metrics["rec"] = rec_loss.detach()
-        if self.plain.tokenizer.quantize is not None:
-            metrics.update({"entropy": out.entropy_loss.detach(),
-                            "codebook_usage": torch.tensor(float(out.codebook_usage))})
+            logs["lpips"] = p_loss.detach()
+        return nll, logs
+
+    def _latent_loss(self, out: TokenizerForward, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """SoftVQ's entropy loss + w_align L_align(z) + sum_t w_t L_aux,t(z, mask) (zero terms where absent)."""
+        loss = out.entropy_loss
+        logs = {}
+        if self.tokenizer.quantize is not None:
+            logs["entropy"] = out.entropy_loss.detach()
+            logs["codebook_usage"] = torch.tensor(float(out.codebook_usage))
         if out.alignment is not None:
             align = alignment_loss(out.alignment.float(), self.teachers[self.cfg.alignment.teacher](images))
             loss = loss + self.cfg.alignment.weight * align
-            metrics["align"] = align.detach()
+            logs["align"] = align.detach()
         for name, value in out.auxiliary.items():
             loss = loss + getattr(self.cfg.auxiliary, f"{name}_weight") * value
-            metrics[f"aux/{name}"] = value.detach()
+            logs[f"aux/{name}"] = value.detach()
+        return loss, logs
 
-        gan_weight = gan_weight_at(step, self.cfg.gan.weight, self.cfg.gan.start_step)
-        disc_out = {}
-        if self.discriminator is not None and gan_weight > 0:
-            critic = self.runner.module("discriminator").discriminator
-            seen = self.gen_augment(rec, rand) if self.gen_augment else rec
-            g_loss = self.gen_loss(critic(seen))
-            adaptive = (adaptive_generator_weight(nll, g_loss, self.plain.tokenizer.last_layer)
-                        if self.cfg.gan.adaptive_weight else torch.tensor(1.0))
-            loss = loss + adaptive * gan_weight * g_loss
-            metrics.update({"gan/generator": g_loss.detach(), "gan/adaptive_weight": adaptive})
-            disc_out = self.discriminator(images, rec, rand, gan_weight)
-        # "loss" first: the runner back-propagates in this order, keeping the graph for the next.
-        return {"loss": loss, **disc_out, **metrics}
+    def _adversarial_term(self, nll: torch.Tensor, rec: torch.Tensor, rand: Uniform,
+                          gan_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """λ(step) w_gan L_gen(D(A(x̂))), judged by the plain discriminator (see TrainedModule)."""
+        critic = self.discriminator.module.discriminator
+        seen = self.gen_augment(rec, rand) if self.gen_augment else rec
+        g_loss = self.gen_loss(critic(seen))
+        adaptive = (adaptive_generator_weight(nll, g_loss, self.tokenizer.last_layer)
+                    if self.cfg.gan.adaptive_weight else torch.tensor(1.0))
+        return adaptive * gan_weight * g_loss, {"gan/generator": g_loss.detach(), "gan/adaptive_weight": adaptive}
 
     @torch.no_grad()
     def _aux_targets(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        aux = self.plain.auxiliary
+        aux = self.model.module.auxiliary
         if aux is None:
             return {}
         targets = {}
         for name in aux.decoders:
-            targets[name] = (hog_patch_targets(images.float(), patch_size=self.patch_size) if name == "hog"
-                             else self.teachers[name](images))
+            targets[name] = (hog_patch_targets(images.float(), patch_size=self.tokenizer.config.enc_patch_size)
+                             if name == "hog" else self.teachers[name](images))
         return targets
 
     @torch.no_grad()
     def sample_images(self, step: int) -> torch.Tensor:
         """Pairs (original, EMA reconstruction), side by side."""
-        tokenizer = self.runner.ema_module("model").tokenizer.eval()
+        tokenizer = self.model.ema.tokenizer.eval()
         x = self.fixed_images
         rec = tokenizer(x).float().clamp(-1, 1)
         return torch.stack([x, rec], dim=1).flatten(0, 1)
@@ -249,14 +275,14 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         c = tokenizer.config
         teachers = build_teachers(cfg, c, found)
         training_model = TokenizerTrainingModel(tokenizer, *build_heads(cfg, c, teachers)).train()
-        model = runner.add_module("model", training_model, optim=cfg.optim, ema_decay=cfg.ema.decay)
+        model = runner.add_model(training_model, optim=cfg.optim, ema_decay=cfg.ema.decay)
         discriminator = None
         if cfg.gan.enabled:
             objective = DiscriminatorObjective(
                 build_discriminator(cfg.gan, found.get("DINO discriminator backbone")), loss=cfg.gan.loss,
                 lecam_weight=cfg.gan.lecam_weight, consistency_weight=cfg.gan.consistency_weight,
                 diffaugment=cfg.gan.diffaugment).train()
-            discriminator = runner.add_module("discriminator", objective, optim=cfg.gan.optim)
+            discriminator = runner.add_discriminator(objective, optim=cfg.gan.optim)
         lpips = LPIPSLoss(found.get("LPIPS VGG16 trunk")).to(ctx.device) if cfg.loss.perceptual_weight > 0 else None
         teachers = {name: t.to(ctx.device) for name, t in teachers.items()}
         masks = None
@@ -264,7 +290,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
             masks = MaskSchedule(c.enc_token_drop, c.enc_token_drop_max, schedule=cfg.masking.schedule,
                                  start=cfg.masking.anneal_from, steps=cfg.masking.anneal_steps)
         fixed = reference_images(dataset, cfg.samples.num_images).to(ctx.device)
-        task = TokenizerTask(cfg, runner, model, discriminator, lpips, teachers, masks, fixed)
+        task = TokenizerTask(cfg, model, discriminator, lpips, teachers, masks, fixed)
         if ctx.is_main:
             trainable = sum(p.numel() for p in training_model.parameters() if p.requires_grad)
             tqdm.write(f"{tokenizer.kind} tokenizer {c.num_latent_tokens} x {c.codebook_embed_dim} at "
@@ -272,7 +298,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         runner.fit(task, dataset, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"
         if ctx.is_main:
-            runner.ema_module("model").tokenizer.save_pretrained(out)
+            model.ema.tokenizer.save_pretrained(out)
             tqdm.write(f"exported the EMA tokenizer to {out}")
         return out
     finally:

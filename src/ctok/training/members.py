@@ -1,0 +1,62 @@
+"""The runner's bookkeeping of one trained module: its device copy, DDP wrapper, AdamW and EMA."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from timm.utils.model_ema import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+
+from ctok.training.distributed import DistContext
+from ctok.training.task import TrainedModule
+
+if TYPE_CHECKING:  # the runner imports this module: its sections are only named here, for the annotations
+    from ctok.training.runner import OptimSection
+
+
+@dataclass
+class Member:
+    """A registered module and everything that updates it."""
+
+    module: nn.Module  # the plain module: state dicts, EMA, export
+    ddp: DistributedDataParallel | None
+    wrapped: nn.Module  # what the task calls: compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    optim: OptimSection
+    base_lr: float
+    ema: ModelEmaV3 | None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def handle(self) -> TrainedModule:
+        """The module as the task sees it."""
+        return TrainedModule(self.module, self.wrapped, self.ema.module if self.ema is not None else None)
+
+
+def register(module: nn.Module, ctx: DistContext, *, optim: OptimSection, global_batch: int, compile: bool,
+             ema_decay: float | None) -> Member:
+    """Put ``module`` on the device, wrap it for DDP (under torchrun) and compile, give it AdamW and an EMA.
+
+    With ``optim.scale_lr`` the learning rate is multiplied by ``global_batch / 256``.
+    """
+    module = module.to(ctx.device)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters: there is nothing to optimise")
+    ddp = None
+    wrapped = module
+    if ctx.is_distributed:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        ddp = wrapped = DistributedDataParallel(module, device_ids=ids)
+    if compile:
+        wrapped = torch.compile(wrapped)
+    base_lr = optim.lr * (global_batch / 256 if optim.scale_lr else 1.0)
+    optimizer = torch.optim.AdamW(trainable, lr=base_lr, betas=optim.betas, eps=optim.eps,
+                                  weight_decay=optim.weight_decay, fused=ctx.device.type == "cuda")
+    ema = ModelEmaV3(module, decay=ema_decay, dtype=torch.float32, exclude_buffers=True) \
+        if ema_decay is not None else None
+    return Member(module, ddp, wrapped, optimizer, optim, base_lr, ema)
