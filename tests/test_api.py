@@ -72,12 +72,17 @@ def test_a_preset_name_given_to_a_loader_says_what_to_call():
         ctok.load_dit("DiT-S/1")
 
 
-def test_every_released_preset_is_a_preset_with_the_hub_id_the_configs_use():
+def test_every_released_preset_is_a_preset_and_each_trains_with_the_one_generator_recipe():
+    from ctok.training.config import load_config
+    from ctok.training.generator import SiTTrainConfig, default_out_dir
+
     assert set(RELEASED) <= set(PRESET_NAMES) and len(RELEASED) == 10
-    configs = REPO / "src" / "ctok" / "configs"
-    used = {line.split(":", 1)[1].strip() for path in configs.glob("sit-xl-*.yaml")
-            for line in path.read_text().splitlines() if line.startswith("tokenizer:")}
-    assert used == set(RELEASED.values())
+    header = (REPO / "src" / "ctok" / "configs" / "sit-xl.yaml").read_text()
+    for name, hub_id in RELEASED.items():
+        cfg = load_config(SiTTrainConfig, "sit-xl", [f"tokenizer={hub_id}"])
+        assert cfg.tokenizer == hub_id and default_out_dir(cfg.model.preset, hub_id) == f"runs/sit-xl_{name}"
+        owner, _, base = hub_id.partition("/")
+        assert owner in header  # the recipe's header names where the released tokenizers live
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

@@ -15,7 +15,7 @@ from ctok.training.config import (
     packaged_config_names,
     resolve_config_path,
 )
-from ctok.training.generator import DiTTrainConfig, SiTTrainConfig
+from ctok.training.generator import DiTTrainConfig, SiTTrainConfig, default_out_dir
 from ctok.training.runner import OptimSection, RunSection
 
 
@@ -75,18 +75,25 @@ def test_overrides_use_dotted_keys_and_yaml_scalars():
 
 def test_packaged_configs_all_load_against_their_schema():
     names = [n for n in packaged_config_names() if n.startswith(("sit-", "dit-", "tiny-sit", "tiny-dit"))]
-    assert len(names) == 22  # SiT-XL/1 and DiT-XL/1 on each of the 10 released tokenizers, and the tiny pair
+    assert sorted(names) == ["dit-xl", "sit-xl", "tiny-dit", "tiny-sit"]  # one recipe per family and size
     for name in names:
         schema = SiTTrainConfig if name.startswith(("sit-", "tiny-sit")) else DiTTrainConfig
         cfg = load_config(schema, name)
         assert cfg.model.preset.startswith("SiT-" if schema is SiTTrainConfig else "DiT-"), name
-    sit = load_config(SiTTrainConfig, "sit-xl-maetok-b-128")
+    sit = load_config(SiTTrainConfig, "sit-xl", ["tokenizer=MAETok/maetok-b-128"])
     # the published SiT recipe
     assert (sit.optim.lr, sit.optim.schedule, sit.data.batch_size, sit.ema.decay) == (1e-4, "constant", 256, 0.9999)
     assert (sit.flow.path_type, sit.flow.prediction, sit.flow.time_sampling) == ("linear", "v", "lognormal")
     assert sit.model.class_dropout_prob == 0.1 and sit.tokenizer == "MAETok/maetok-b-128"
-    dit = load_config(DiTTrainConfig, "dit-xl-softvq-l-64")
+    assert sit.run.out_dir is None  # derived from the tokenizer when training starts
+    dit = load_config(DiTTrainConfig, "dit-xl", ["tokenizer=SoftVQVAE/softvq-l-64"])
     assert (dit.diffusion.schedule, dit.diffusion.learn_sigma, dit.model.preset) == ("cosine", True, "DiT-XL/1")
+
+
+def test_generator_run_folders_are_named_like_the_released_checkpoints():
+    assert default_out_dir("SiT-XL/1", "MAETok/maetok-b-128") == "runs/sit-xl_maetok-b-128"
+    assert default_out_dir("DiT-XL/1", "SoftVQVAE/softvq-l-64-512") == "runs/dit-xl_softvq-l-64-512"
+    assert default_out_dir("SiT-B/1", "/data/tokenizers/mine/") == "runs/sit-b_mine"
 
 
 def test_config_source_is_a_path_or_a_packaged_name(tmp_path):

@@ -31,7 +31,7 @@ def packaged_config_names() -> list[str]:
 
 
 def resolve_config_path(source: str | Path) -> Path:
-    """A path to an existing file, or the name of a packaged config (``tiny-sit``, ``sit-xl-maetok-b-128``)."""
+    """A path to an existing file, or the name of a packaged config (``tiny-sit``, ``sit-xl``)."""
     path = Path(source)
     if path.is_file():
         return path

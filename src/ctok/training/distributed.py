@@ -6,7 +6,7 @@ them is a world of one and needs no environment at all. NCCL carries the gradien
 gloo between CPU processes. Several nodes are torchrun's business::
 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
-        -m ctok train-sit --config sit-xl-maetok-b-128 data.latents=DIR
+        -m ctok train-sit --config sit-xl tokenizer=MAETok/maetok-b-128 data.latents=DIR
 """
 from __future__ import annotations
 

@@ -301,9 +301,22 @@ def open_training_data(kind: str, cfg: GeneratorTrainConfig):
     return cache, images, tokenizer, source
 
 
+def default_out_dir(preset: str, tokenizer_source: str) -> str:
+    """``runs/<family>-<size>_<tokenizer name>``, named like the released checkpoints
+    (``SiT-XL/1`` on ``MAETok/maetok-b-128`` -> ``runs/sit-xl_maetok-b-128``)."""
+    model = preset.partition("/")[0].lower()
+    return f"runs/{model}_{Path(str(tokenizer_source).rstrip('/')).name}"
+
+
 def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
-    """Train a SiT (``kind="sit"``) or DiT (``"dit"``) as ``cfg`` says; returns the exported folder."""
+    """Train a SiT (``kind="sit"``) or DiT (``"dit"``) as ``cfg`` says; returns the exported folder.
+
+    One recipe serves every tokenizer (``sit-xl.yaml`` with ``tokenizer=...``): the latent shape
+    comes from the tokenizer, and an unset ``run.out_dir`` from its name (:func:`default_out_dir`).
+    """
     cache, images, tokenizer, source = open_training_data(kind, cfg)
+    if cfg.run.out_dir is None:
+        cfg.run.out_dir = default_out_dir(cfg.model.preset, source)
     ctx = init_distributed(cfg.run.device)
     try:
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,

@@ -69,7 +69,7 @@ from ctok.uint8 import to_uint8_round
 class RunSection:
     """``run:`` where the run lives and how it is driven."""
 
-    out_dir: str
+    out_dir: str | None  # None only where the recipe derives it (generators: from the tokenizer's name)
     max_steps: int
     seed: int = 0
     grad_accum: int = 1
@@ -128,6 +128,8 @@ class Runner:
         Seeds the global generators with ``run.seed``: build the networks after this, so that every
         process starts from the same weights.
         """
+        if not run.out_dir:
+            raise ValueError("run.out_dir is not set: pass run.out_dir=DIR")
         for key in ("max_steps", "log_every", "ckpt_every", "grad_accum"):
             if getattr(run, key) < 1:
                 raise ValueError(f"run.{key} must be at least 1, got {getattr(run, key)}")
