@@ -24,7 +24,7 @@ from ctok.latent_cache import build_latent_cache
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.distributed import init_distributed
-from ctok.training.generator_data import choose_latent_stats
+from ctok.training.generator_data import choose_latent_stats, stats_subset
 
 TINY_TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
                       decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8,
@@ -200,19 +200,22 @@ def test_two_processes_equal_one_with_the_same_global_batch(small_cache, tmp_pat
 
 
 # -- the normalisation: never forgotten, always recorded -------------------------------------
-def test_on_the_fly_training_normalises_with_statistics_of_its_first_images(tokenizer, synthetic_fashion_mnist,
-                                                                                 tmp_path):
+def test_on_the_fly_training_normalises_with_statistics_of_a_seeded_random_subset(tokenizer, synthetic_fashion_mnist,
+                                                                                     tmp_path):
     model, folder = tokenizer
     out = tmp_path / "run"
     assert main(["train-sit", "--config", "tiny-sit", "data.latents=null", f"data.images={synthetic_fashion_mnist}",
                  f"tokenizer={folder}", "data.stats_images=40", "data.batch_size=8", f"run.out_dir={out}",
                  "run.device=cpu", "run.max_steps=3", "run.log_every=1", "samples.steps=2",
                  "samples.num_images=4"]) == 0
-    images = load_fashion_mnist("train", synthetic_fashion_mnist, limit=40)[0]
+    images = load_fashion_mnist("train", synthetic_fashion_mnist)[0]
+    subset = stats_subset(len(images), 40, seed=0)
+    assert len(set(subset)) == 40 and max(subset) >= len(images) // 2  # drawn over the whole set, not its head
+    assert stats_subset(len(images), 40, seed=1) != subset and stats_subset(len(images), 40, seed=0) == subset
     with torch.no_grad():
-        z = model.encode(images).double()
+        z = model.encode(images[subset]).double()
     stats = json.loads((out / "final" / "config.json").read_text())["latent_stats"]
-    assert stats["source"] == "statistics of the first 40 training images"
+    assert stats["source"] == "statistics of 40 training images drawn at random (seed 0)"
     assert stats["mean"] == pytest.approx(float(z.mean()), abs=1e-6)
     assert stats["std"] == pytest.approx(float(z.std(unbiased=False)), rel=1e-5)
     assert len(log_records(out)) == 3

@@ -55,7 +55,7 @@ class DataSection:
     latents: str | None = None  # a folder written by `ctok cache-latents`
     images: str | None = None  # or images encoded on the fly: an image folder or Fashion-MNIST's folder
     flip: bool = True  # on the fly: mirror each image with probability 1/2 (a cache picks one of its views)
-    stats_images: int = 1024  # on the fly: images whose latents give the normalisation, if the tokenizer has none
+    stats_images: int = 1024  # on the fly: random images whose latents give the normalisation, if the tokenizer has none
     batch_size: int = 256  # global: over all processes and accumulation steps
     num_workers: int = 4
 
@@ -322,7 +322,7 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
                         free_on_resume=FREE_ON_RESUME)
         tokenizer = tokenizer.to(ctx.device).eval()
-        stats = choose_latent_stats(tokenizer, cache, images, cfg.data.stats_images)
+        stats = choose_latent_stats(tokenizer, cache, images, cfg.data.stats_images, cfg.run.seed)
         network = build_generator(kind, cfg, tokenizer.num_tokens, tokenizer.latent_dim, stats,
                                   TokenizerRecord(tokenizer.identity(), str(source)))
         network.eval()  # see the module docstring: label dropout is drawn by the task

@@ -2,7 +2,8 @@
 
 Either way they are normalised, ``(z - mean) / std``, before the generator sees them. The two
 scalars are the tokenizer config's ``vq_mean``/``vq_std`` when those are set (released tokenizers
-carry them), else the cache's statistics (or, on the fly, statistics of the first images).
+carry them), else the cache's statistics (or, on the fly, statistics of a seeded random subset of
+the training images: the first files in sorted order would be one ImageNet class).
 Forgetting the normalisation is not possible: it is applied inside the data path, not left to the
 user.
 """
@@ -17,22 +18,32 @@ from ctok.models.diffusion_transformer import LatentStats
 from ctok.training.sharding import BatchRandom
 
 
-def choose_latent_stats(tokenizer, cache: LatentCache | None, images: Dataset | None, num_images: int) -> LatentStats:
-    """The tokenizer config's vq_mean/vq_std if set, else the cache's statistics, else the first images'."""
+def stats_subset(num_items: int, count: int, seed: int) -> list[int]:
+    """``min(count, num_items)`` indices drawn without replacement over the whole dataset, seeded, in
+    increasing order (so that files are read front to back)."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:count].tolist())
+
+
+def choose_latent_stats(tokenizer, cache: LatentCache | None, images: Dataset | None, num_images: int,
+                        seed: int = 0) -> LatentStats:
+    """The tokenizer config's vq_mean/vq_std if set, else the cache's statistics, else those of
+    ``num_images`` training images drawn at random with ``seed`` (:func:`stats_subset`)."""
     own = LatentStats.of_tokenizer(tokenizer)
     if (own.mean, own.std) != (0.0, 1.0):
         return own
     if cache is not None:
         return LatentStats(cache.info.mean, cache.info.std, f"latent cache {cache.info.folder}")
-    count = min(num_images, len(images))
+    subset = stats_subset(len(images), num_images, seed)
     stats = LatentStatistics(tokenizer.latent_dim)
     device = next(tokenizer.parameters()).device
     with torch.no_grad():
-        for start in range(0, count, 64):
-            batch = torch.stack([images[i][0] for i in range(start, min(start + 64, count))])
+        for start in range(0, len(subset), 64):
+            batch = torch.stack([images[i][0] for i in subset[start:start + 64]])
             stats.update(tokenizer.encode(batch.to(device)))
     summary = stats.summary()
-    return LatentStats(summary["mean"], summary["std"], f"statistics of the first {count} training images")
+    return LatentStats(summary["mean"], summary["std"],
+                       f"statistics of {len(subset)} training images drawn at random (seed {seed})")
 
 
 class CachedLatents:
