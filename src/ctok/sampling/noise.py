@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ctok.training.sharding import derived_seed
+from ctok.seeding import derived_seed
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 

@@ -55,7 +55,7 @@ class DataSection:
     latents: str | None = None  # a folder written by `ctok cache-latents`
     images: str | None = None  # or images encoded on the fly: an image folder or Fashion-MNIST's folder
     flip: bool = True  # on the fly: mirror each image with probability 1/2 (a cache picks one of its views)
-    stats_images: int = 1024  # on the fly: random images whose latents give the normalisation, if the tokenizer has none
+    stats_images: int = 1024  # on the fly: random images whose latents normalise, if the tokenizer has no stats
     batch_size: int = 256  # global: over all processes and accumulation steps
     num_workers: int = 4
 

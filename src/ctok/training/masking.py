@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from scipy.stats import truncnorm
 
-from ctok.training.sharding import derived_seed
+from ctok.seeding import derived_seed
 
 _MASK_STREAM = 2  # seed stream of the per-step mask ratio (0 and 1 are ctok.training.sharding's)
 _SCALE = 0.25  # the published distribution's scale

@@ -16,17 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ctok.seeding import derived_seed
+
 # Separate seed streams, so that the data order and the per-sample draws never share numbers.
 _DATA_STREAM, _DRAW_STREAM = 0, 1
-
-
-def derived_seed(*words: int) -> int:
-    """A well-mixed 63-bit seed from a tuple of integers (NumPy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 @dataclass(frozen=True)
