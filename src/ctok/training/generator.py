@@ -91,7 +91,9 @@ class FlowSection:
 class DiffusionSection:
     """``diffusion:`` DiT's noise schedule and variance parameterisation."""
 
-    schedule: Literal["linear", "cosine"] = "linear"  # over 1000 steps, as every released DiT and the samplers
+    # Over 1000 steps. DiT's paper trains with linear, the released DiTs (SoftVQ-VAE's) with cosine, which
+    # dit-xl.yaml sets and sampling assumes when a checkpoint does not record its schedule.
+    schedule: Literal["linear", "cosine"] = "linear"
     learn_sigma: bool = True
 
 
