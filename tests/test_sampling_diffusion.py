@@ -379,3 +379,22 @@ def test_training_loss_of_a_dit(dit_small):
     fixed = DiT.from_config({**conformance_case("dit_small")[0], "learn_sigma": False})
     terms = diffusion.training_losses(fixed, io["x"], t, io["y"])
     assert torch.equal(terms["vb"], torch.zeros(3)) and torch.equal(terms["loss"], terms["mse"])
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_function_evaluations_count_the_forwards_sample_dit_makes(cfg_scale):
+    from ctok.sampling.gaussian_diffusion import function_evaluations
+
+    calls = []
+
+    class Counted(torch.nn.Module):
+        num_tokens, in_channels, num_classes, has_null_class = 2, 3, 4, True
+
+        def forward(self, x, t, y):
+            calls.append(x.shape[0])
+            return torch.zeros(x.shape[0], 2, 6)
+
+    noise = torch.randn(3, 2, 3)
+    sample_dit(Counted().eval(), noise, [0, 1, 2], num_steps=7, cfg_scale=cfg_scale,
+               generator=torch.Generator().manual_seed(0))
+    assert function_evaluations(7, cfg_scale) == sum(calls) // 3

@@ -376,3 +376,22 @@ def test_guidance_needs_a_null_class(sit_small):
     model = SiT.from_config({**config, "class_dropout_prob": 0.0}).eval()
     with pytest.raises(ValueError, match="needs a null class"):
         sample_sit(model, io["noise"], io["labels"], num_steps=2, cfg_scale=1.5)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "euler-maruyama"])
+@pytest.mark.parametrize("cfg_scale, interval", [(1.0, (0.0, 1.0)), (2.0, (0.0, 1.0)), (2.0, (0.0, 0.5))])
+def test_function_evaluations_count_the_forwards_sample_sit_makes(solver, cfg_scale, interval):
+    from ctok.sampling.flow import function_evaluations
+
+    calls = []
+
+    class Counted(GaussianFlow):
+        def forward(self, x, t, y):
+            calls.append(x.shape[0])
+            return super().forward(x, t, y)
+
+    model = Counted(torch.randn(4, 2, 3, dtype=torch.float64), 0.5)
+    noise = torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sample_sit(model, noise, [0, 1, 2], num_steps=6, solver=solver, cfg_scale=cfg_scale, guidance_interval=interval,
+               generator=torch.Generator().manual_seed(1))
+    assert function_evaluations(solver, 6, cfg_scale, interval) == sum(calls) // 3

@@ -298,10 +298,33 @@ class GuidedVelocity:
         return uncond + self.cfg_scale * (cond - uncond)
 
 
+def solver_times(solver: str, num_steps: int) -> list[float]:
+    """The ``num_steps + 1`` times a solver steps through, from 1 to 0: equal steps for the ODE
+    solvers; for Euler-Maruyama equal steps from 1 to :data:`SDE_LAST_TIME`, then 0."""
+    if solver == "euler-maruyama":
+        return torch.linspace(1.0, SDE_LAST_TIME, num_steps, dtype=torch.float64).tolist() + [0.0]
+    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+
+
+def function_evaluations(solver: str, num_steps: int, cfg_scale: float = 1.0,
+                         guidance_interval: tuple[float, float] = (0.0, 1.0)) -> int:
+    """Model evaluations per sample of :func:`sample_sit`: one per step (Heun: two, except on the
+    last step), each counted twice where the step is guided (the null-class forward)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    low, high = guidance_interval
+    times = solver_times(solver, num_steps)
+    total = 0
+    for i in range(num_steps):
+        per_forward = 2 if cfg_scale > 1.0 and low <= times[i] <= high else 1
+        total += per_forward * (2 if solver == "heun" and i < num_steps - 1 else 1)
+    return total
+
+
 def _integrate_ode(velocity: GuidedVelocity, x: torch.Tensor, steps, heun: bool) -> torch.Tensor:
     """Euler or Heun steps of ``dx = v dt`` over equal steps from t = 1 to 0."""
     num_steps = len(steps)
-    times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+    times = solver_times("heun" if heun else "euler", num_steps)
     for i in steps:
         t_cur, t_next = times[i], times[i + 1]
         guide = velocity.guided(t_cur)
@@ -320,7 +343,7 @@ def _integrate_sde(velocity: GuidedVelocity, path: FlowPath, x: torch.Tensor, st
     """Euler-Maruyama on the reverse SDE: ``num_steps - 1`` stochastic steps from 1 to
     :data:`SDE_LAST_TIME`, then one deterministic step to 0."""
     num_steps = len(steps)
-    times = torch.linspace(1.0, SDE_LAST_TIME, num_steps, dtype=torch.float64).tolist() + [0.0]
+    times = solver_times("euler-maruyama", num_steps)
     for i in steps:
         t_cur, t_next = times[i], times[i + 1]
         dt = t_next - t_cur

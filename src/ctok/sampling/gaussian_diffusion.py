@@ -246,6 +246,11 @@ def sample_dit(
     return x
 
 
+def function_evaluations(num_steps: int, cfg_scale: float = 1.0) -> int:
+    """Model evaluations per sample of :func:`sample_dit`: one per respaced step, two when guided."""
+    return num_steps * (2 if cfg_scale > 1.0 else 1)
+
+
 def _guided_output(model: torch.nn.Module, x: torch.Tensor, timestep: int, labels: torch.Tensor,
                    cfg_scale: float) -> torch.Tensor:
     """The DiT's output at x and one timestep, in x's dtype; guided, the noise channels are
