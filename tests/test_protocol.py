@@ -45,3 +45,31 @@ def test_evaluate_is_batch_and_worker_invariant(tmp_path):
     for other in results[1:]:
         for metric in METRICS:
             assert other[metric] == pytest.approx(first[metric], rel=1e-6, abs=1e-9), metric
+
+
+def test_a_protocol_card_fills_in_the_environment():
+    import torch
+
+    import ctok
+    from ctok.protocol import ADM_PROTOCOL, ProtocolCard
+
+    torch.backends.cuda.matmul.fp32_precision, before = "tf32", torch.backends.cuda.matmul.fp32_precision
+    try:
+        card = ProtocolCard.here("cpu", num_samples=10, seed=3).to_dict()
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+    assert card["protocol"] == ADM_PROTOCOL and card["num_samples"] == 10 and card["seed"] == 3
+    assert card["device"].startswith("cpu (") and card["dtype"] == "float32"
+    assert card["torch_version"] == torch.__version__ and card["ctok_version"] == ctok.__version__
+    assert card["float32_modes"]["cuda.matmul"] == "tf32"  # the state the card was made under, recorded as it was
+    assert card["sampler"] is None and card["feature_network"] is None  # null where a field does not apply
+    json.dumps(card)
+
+
+def test_fewer_than_50k_samples_against_imagenet_get_a_one_line_warning():
+    from ctok.protocol import few_samples_warning
+
+    message = few_samples_warning(10_000, "refs/VIRTUAL_imagenet256_labeled.npz")
+    assert message and "\n" not in message and "50,000" in message and "10000 samples" in message
+    assert few_samples_warning(50_000, "VIRTUAL_imagenet256_labeled.npz") is None
+    assert few_samples_warning(100, "fashion-mnist-test.npz") is None
