@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ctok.cli import main
-from ctok.commands import generate
+from ctok import generation
 from ctok.hub import load_dit, load_sit, load_tokenizer
 from ctok.metrics.sample_npz import NpzImages
 from ctok.pipeline import LatentPipeline
@@ -82,16 +82,16 @@ def test_dit_run_with_chosen_labels(conformance_dir, tmp_path):
     assert json.loads((out / "generate.json").read_text())["solver"] == "ddpm"
 
 
-def test_default_labels_are_class_balanced():
+def test_default_labels_are_class_balanced(conformance_dir, tmp_path, capsys):
     model = Namespace(num_classes=1000, has_null_class=True)
-    label = generate.image_labels(Namespace(labels=None), model)
+    label = generation.image_labels(None, model)
     counts = np.bincount([label(i) for i in range(50_000)], minlength=1000)
     assert counts.min() == counts.max() == 50
-    assert [generate.image_labels(Namespace(labels="5,9"), model)(i) for i in range(4)] == [5, 9, 5, 9]
-    with pytest.raises(ValueError, match=r"--labels must lie in \[0, 999\].*got \[1000\]"):
-        generate.image_labels(Namespace(labels="3,1000"), Namespace(num_classes=1000, has_null_class=False))
-    with pytest.raises(ValueError, match="comma-separated integers"):
-        generate.image_labels(Namespace(labels="cat"), model)
+    assert [generation.image_labels([5, 9], model)(i) for i in range(4)] == [5, 9, 5, 9]
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 999\].*got \[1000\]"):
+        generation.image_labels([3, 1000], Namespace(num_classes=1000, has_null_class=False))
+    assert main(command(conformance_dir, tmp_path / "run", "--labels", "cat")) == 2
+    assert "--labels must be comma-separated integers, got 'cat'" in capsys.readouterr().err
 
 
 class Killed(Exception):
@@ -104,7 +104,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_images(conformance_
     assert main(command(conformance_dir, whole, *args)) == 0
 
     out = tmp_path / "resumed"
-    real_save, saved = generate.save_png, []
+    real_save, saved = generation.save_png, []
 
     def dies_after_three(path, image):
         if len(saved) == 3:  # mid-way through the second batch
@@ -112,13 +112,13 @@ def test_an_interrupted_run_resumes_without_redoing_finished_images(conformance_
         real_save(path, image)
         saved.append(path.name)
 
-    monkeypatch.setattr(generate, "save_png", dies_after_three)
+    monkeypatch.setattr(generation, "save_png", dies_after_three)
     with pytest.raises(Killed):
         main(command(conformance_dir, out, *args))
     assert not (out / "samples.npz").exists()
     (out / "images" / ".000003.png.abc.tmp").write_bytes(b"half an image")
 
-    monkeypatch.setattr(generate, "save_png", real_save)
+    monkeypatch.setattr(generation, "save_png", real_save)
     sampled = []
     real_generate = LatentPipeline.generate
 
