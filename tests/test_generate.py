@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ctok.cli import main
 from ctok import generation
+from ctok.cli import main
 from ctok.hub import load_dit, load_sit, load_tokenizer
 from ctok.metrics.sample_npz import NpzImages
-from ctok.pipeline import LatentPipeline
+from ctok.pipeline import LatentPipeline, load_pipeline
 from ctok.sampling import sample_dit, sample_sit
+from ctok.training.distributed import DistContext
 from ctok.training.sharding import derived_seed
 
 
@@ -236,3 +238,58 @@ def test_a_generator_refuses_a_tokenizer_it_was_not_trained_with(conformance_dir
                  "--out", str(tmp_path / "out"), "--device", "cpu", "--num-images", "2"]) == 2
     err = capsys.readouterr().err
     assert "was trained on latents of tokenizer maetok-16x8-0123456789abcdef (elsewhere)" in err
+
+
+def test_generate_to_folder_writes_the_files_of_the_command(conformance_dir, tmp_path):
+    """The library function on a loaded pipeline gives the command's files, byte for byte."""
+    args = ("--num-images", "3", "--batch-size", "2", "--steps", "3", "--seed", "4", "--cfg-scale", "1.5",
+            "--labels", "7,1000")
+    cli = tmp_path / "cli"
+    assert main(command(conformance_dir, cli, *args)) == 0
+    pipe = load_pipeline(conformance_dir / "maetok_small", conformance_dir / "sit_small")
+    direct = tmp_path / "direct"
+    samples = generation.generate_to_folder(pipe, direct, num_images=3, batch_size=2, num_steps=3, seed=4,
+                                            cfg_scale=1.5, labels=[7, 1000])
+    assert samples == direct / "samples.npz"
+    assert png_bytes(direct) == png_bytes(cli) and len(png_bytes(cli)) == 3
+    for name in ("samples.npz", "grid.png", "generate.json"):
+        assert (direct / name).read_bytes() == (cli / name).read_bytes(), name
+    settings = json.loads((cli / "generate.json").read_text())
+    assert settings["labels"] == "7,1000" and settings["model"] == str(conformance_dir / "sit_small")
+
+
+def test_generate_to_folder_fingerprints_a_generator_built_in_memory(conformance_dir, tmp_path):
+    """Without a checkpoint folder to hash, the weights themselves tie a folder to its generator:
+    resuming with other weights is refused."""
+    tokenizer, sit = load_tokenizer(conformance_dir / "maetok_small"), load_sit(conformance_dir / "sit_small")
+    out = tmp_path / "run"
+    generation.generate_to_folder(LatentPipeline(tokenizer, sit), out, num_images=2, num_steps=2)
+    settings = json.loads((out / "generate.json").read_text())
+    assert settings["model"] is None and settings["tokenizer"] is None and settings["model_kind"] == "sit"
+    assert len(settings["model_sha256"]) == 64
+    # The same images as from the pipeline loaded from the folders.
+    loaded = tmp_path / "loaded"
+    generation.generate_to_folder(load_pipeline(conformance_dir / "maetok_small", conformance_dir / "sit_small"),
+                                  loaded, num_images=2, num_steps=2)
+    assert png_bytes(loaded) == png_bytes(out)
+
+    with torch.no_grad():
+        next(sit.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match=r"holds images made with other settings \(model_sha256:"):
+        generation.generate_to_folder(LatentPipeline(tokenizer, sit), out, num_images=2, num_steps=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_images=0), "num_images must be at least 1, got 0"),
+    (dict(batch_size=0), "batch_size must be at least 1, got 0"),
+    (dict(num_steps=0), "num_steps must be at least 1, got 0"),
+    (dict(cfg_scale=0.5), "cfg_scale must be >= 1 (1 turns guidance off), got 0.5"),
+    (dict(labels=[]), "labels must hold at least one class id"),
+    (dict(ctx=DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("meta"))),
+     "the pipeline is on cpu but this process's device is meta"),
+])
+def test_generate_to_folder_refuses_bad_arguments(conformance_dir, tmp_path, kwargs, message):
+    pipe = LatentPipeline(load_tokenizer(conformance_dir / "maetok_small"), load_sit(conformance_dir / "sit_small"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generation.generate_to_folder(pipe, tmp_path / "run", **{"num_steps": 1, **kwargs})
+    assert not (tmp_path / "run").exists()
