@@ -71,7 +71,7 @@ def generate_to_folder(pipe: LatentPipeline, out: str | os.PathLike, *, num_imag
                     noise_schedule=noise_schedule)
     label_of = image_labels(labels, pipe.generator)
     out = Path(out)
-    settings = run_settings(pipe, num_images=num_images, batch_size=batch_size, seed=seed, labels=labels,
+    settings = _run_settings(pipe, num_images=num_images, batch_size=batch_size, seed=seed, labels=labels,
                             sampler=pipe.sampler_arguments(**sampling))
     # Every process checks; only the first writes the stamp, which a rerun compares against.
     check_same_settings(out / SETTINGS_NAME, settings, f"{out} holds images made", write=ctx.is_main)
@@ -94,7 +94,7 @@ def generate_to_folder(pipe: LatentPipeline, out: str | os.PathLike, *, num_imag
     return out / SAMPLES_NAME
 
 
-def run_settings(pipe: LatentPipeline, *, num_images: int, batch_size: int, seed: int,
+def _run_settings(pipe: LatentPipeline, *, num_images: int, batch_size: int, seed: int,
                  labels: Sequence[int] | None, sampler: dict) -> dict:
     """The settings ``generate.json`` records: the models, the run's size and seed, and the sampler's arguments.
 

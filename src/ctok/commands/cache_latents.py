@@ -26,6 +26,7 @@ def run(args) -> int:
     from ctok.latent_cache import build_latent_cache
     from ctok.training.distributed import init_distributed, shutdown_distributed
 
+    # The library checks these too, by parameter name; here they are named as the user typed them.
     for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ctok.pipeline import load_pipeline
     from ctok.training.distributed import init_distributed, shutdown_distributed
 
+    # The library checks these too, by parameter name; here they are named as the user typed them.
     for name in ("num_images", "batch_size", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

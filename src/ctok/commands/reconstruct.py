@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ctok.reconstruction import METRICS_NAME, reconstruct_folder
     from ctok.training.distributed import init_distributed, shutdown_distributed
 
+    # The library checks these too, by parameter name; here they are named as the user typed them.
     for name in ("batch_size", "grid_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
