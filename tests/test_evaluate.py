@@ -201,6 +201,23 @@ def test_cli_reports_bad_input_as_one_line(sets, capsys):
     assert "uint8 RGB images (N, H, W, 3)" in capsys.readouterr().err
 
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_a_gpu_asked_for_on_a_machine_without_one_is_refused_up_front(sets, capsys):
+    samples_path, ref_path, _, _ = sets
+    assert main(["evaluate", "--samples", str(samples_path), "--ref", str(ref_path),
+                 "--feature-network", "test_evaluate:TinyFeatures", "--device", "cuda"]) == 2
+    assert "device 'cuda' asks for a GPU, but torch sees no CUDA device here" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda'"):
+        evaluate(samples_path, ref_path, TinyFeatures(), device="gpu")
+
+
+def test_the_default_device_is_auto(sets):
+    samples_path, ref_path, _, _ = sets
+    auto = evaluate(samples_path, ref_path, TinyFeatures(), progress=False, use_cache=False, num_workers=0)
+    cpu = evaluate(samples_path, ref_path, TinyFeatures(), device="cpu", progress=False, use_cache=False)
+    assert auto["fid"] == pytest.approx(cpu["fid"], rel=1e-4)
+
 # -- ADM batch files ---------------------------------------------------------------------------
 
 def test_npz_images_stream_in_batches_and_round_trip(tmp_path):

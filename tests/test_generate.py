@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from ctok import generation
 from ctok.cli import main
-from ctok.commands import generate
 from ctok.hub import load_dit, load_sit, load_tokenizer
 from ctok.metrics.sample_npz import NpzImages
-from ctok.pipeline import LatentPipeline
+from ctok.pipeline import LatentPipeline, load_pipeline
 from ctok.sampling import sample_dit, sample_sit
+from ctok.training.distributed import DistContext
 from ctok.training.sharding import derived_seed
 
 
@@ -82,16 +84,16 @@ def test_dit_run_with_chosen_labels(conformance_dir, tmp_path):
     assert json.loads((out / "generate.json").read_text())["solver"] == "ddpm"
 
 
-def test_default_labels_are_class_balanced():
+def test_default_labels_are_class_balanced(conformance_dir, tmp_path, capsys):
     model = Namespace(num_classes=1000, has_null_class=True)
-    label = generate.image_labels(Namespace(labels=None), model)
+    label = generation.image_labels(None, model)
     counts = np.bincount([label(i) for i in range(50_000)], minlength=1000)
     assert counts.min() == counts.max() == 50
-    assert [generate.image_labels(Namespace(labels="5,9"), model)(i) for i in range(4)] == [5, 9, 5, 9]
-    with pytest.raises(ValueError, match=r"--labels must lie in \[0, 999\].*got \[1000\]"):
-        generate.image_labels(Namespace(labels="3,1000"), Namespace(num_classes=1000, has_null_class=False))
-    with pytest.raises(ValueError, match="comma-separated integers"):
-        generate.image_labels(Namespace(labels="cat"), model)
+    assert [generation.image_labels([5, 9], model)(i) for i in range(4)] == [5, 9, 5, 9]
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 999\].*got \[1000\]"):
+        generation.image_labels([3, 1000], Namespace(num_classes=1000, has_null_class=False))
+    assert main(command(conformance_dir, tmp_path / "run", "--labels", "cat")) == 2
+    assert "--labels must be comma-separated integers, got 'cat'" in capsys.readouterr().err
 
 
 class Killed(Exception):
@@ -104,7 +106,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_images(conformance_
     assert main(command(conformance_dir, whole, *args)) == 0
 
     out = tmp_path / "resumed"
-    real_save, saved = generate.save_png, []
+    real_save, saved = generation.save_png, []
 
     def dies_after_three(path, image):
         if len(saved) == 3:  # mid-way through the second batch
@@ -112,13 +114,13 @@ def test_an_interrupted_run_resumes_without_redoing_finished_images(conformance_
         real_save(path, image)
         saved.append(path.name)
 
-    monkeypatch.setattr(generate, "save_png", dies_after_three)
+    monkeypatch.setattr(generation, "save_png", dies_after_three)
     with pytest.raises(Killed):
         main(command(conformance_dir, out, *args))
     assert not (out / "samples.npz").exists()
     (out / "images" / ".000003.png.abc.tmp").write_bytes(b"half an image")
 
-    monkeypatch.setattr(generate, "save_png", real_save)
+    monkeypatch.setattr(generation, "save_png", real_save)
     sampled = []
     real_generate = LatentPipeline.generate
 
@@ -236,3 +238,58 @@ def test_a_generator_refuses_a_tokenizer_it_was_not_trained_with(conformance_dir
                  "--out", str(tmp_path / "out"), "--device", "cpu", "--num-images", "2"]) == 2
     err = capsys.readouterr().err
     assert "was trained on latents of tokenizer maetok-16x8-0123456789abcdef (elsewhere)" in err
+
+
+def test_generate_to_folder_writes_the_files_of_the_command(conformance_dir, tmp_path):
+    """The library function on a loaded pipeline gives the command's files, byte for byte."""
+    args = ("--num-images", "3", "--batch-size", "2", "--steps", "3", "--seed", "4", "--cfg-scale", "1.5",
+            "--labels", "7,1000")
+    cli = tmp_path / "cli"
+    assert main(command(conformance_dir, cli, *args)) == 0
+    pipe = load_pipeline(conformance_dir / "maetok_small", conformance_dir / "sit_small")
+    direct = tmp_path / "direct"
+    samples = generation.generate_to_folder(pipe, direct, num_images=3, batch_size=2, num_steps=3, seed=4,
+                                            cfg_scale=1.5, labels=[7, 1000])
+    assert samples == direct / "samples.npz"
+    assert png_bytes(direct) == png_bytes(cli) and len(png_bytes(cli)) == 3
+    for name in ("samples.npz", "grid.png", "generate.json"):
+        assert (direct / name).read_bytes() == (cli / name).read_bytes(), name
+    settings = json.loads((cli / "generate.json").read_text())
+    assert settings["labels"] == "7,1000" and settings["model"] == str(conformance_dir / "sit_small")
+
+
+def test_generate_to_folder_fingerprints_a_generator_built_in_memory(conformance_dir, tmp_path):
+    """Without a checkpoint folder to hash, the weights themselves tie a folder to its generator:
+    resuming with other weights is refused."""
+    tokenizer, sit = load_tokenizer(conformance_dir / "maetok_small"), load_sit(conformance_dir / "sit_small")
+    out = tmp_path / "run"
+    generation.generate_to_folder(LatentPipeline(tokenizer, sit), out, num_images=2, num_steps=2)
+    settings = json.loads((out / "generate.json").read_text())
+    assert settings["model"] is None and settings["tokenizer"] is None and settings["model_kind"] == "sit"
+    assert len(settings["model_sha256"]) == 64
+    # The same images as from the pipeline loaded from the folders.
+    loaded = tmp_path / "loaded"
+    generation.generate_to_folder(load_pipeline(conformance_dir / "maetok_small", conformance_dir / "sit_small"),
+                                  loaded, num_images=2, num_steps=2)
+    assert png_bytes(loaded) == png_bytes(out)
+
+    with torch.no_grad():
+        next(sit.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match=r"holds images made with other settings \(model_sha256:"):
+        generation.generate_to_folder(LatentPipeline(tokenizer, sit), out, num_images=2, num_steps=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_images=0), "num_images must be at least 1, got 0"),
+    (dict(batch_size=0), "batch_size must be at least 1, got 0"),
+    (dict(num_steps=0), "num_steps must be at least 1, got 0"),
+    (dict(cfg_scale=0.5), "cfg_scale must be >= 1 (1 turns guidance off), got 0.5"),
+    (dict(labels=[]), "labels must hold at least one class id"),
+    (dict(ctx=DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("meta"))),
+     "the pipeline is on cpu but this process's device is meta"),
+])
+def test_generate_to_folder_refuses_bad_arguments(conformance_dir, tmp_path, kwargs, message):
+    pipe = LatentPipeline(load_tokenizer(conformance_dir / "maetok_small"), load_sit(conformance_dir / "sit_small"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generation.generate_to_folder(pipe, tmp_path / "run", **{"num_steps": 1, **kwargs})
+    assert not (tmp_path / "run").exists()

@@ -100,6 +100,25 @@ def test_a_resumed_build_with_other_settings_is_refused(tokenizer, tmp_path):
         build(tokenizer, data, tmp_path)
 
 
+
+def test_a_local_tokenizer_folder_is_recorded_by_its_absolute_path(tokenizer, tmp_path, monkeypatch):
+    """So that a trainer finds the tokenizer from any working directory; a hub id stays as given.
+    Without a ctx the build is one process on the tokenizer's device."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    monkeypatch.chdir(tmp_path)
+    build_latent_cache(tokenizer, RandomImages(4), "local", tokenizer_source="tok", num_workers=0)
+    assert LatentCache(tmp_path / "local").info.tokenizer_source == str(tmp_path.resolve() / "tok")
+    build_latent_cache(tokenizer, RandomImages(4), "hub", tokenizer_source="MAETok/maetok-b-128", num_workers=0)
+    assert LatentCache(tmp_path / "hub").info.tokenizer_source == "MAETok/maetok-b-128"
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(batch_size=0), "batch_size must be at least 1, got 0"),
+                                             (dict(shard_size=0), "shard_size must be at least 1, got 0")])
+def test_build_refuses_sizes_below_one(tokenizer, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_latent_cache(tokenizer, RandomImages(4), tmp_path / "cache", tokenizer_source="tiny", **kwargs)
+    assert not (tmp_path / "cache").exists()
+
 def test_opening_something_that_is_not_a_cache(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a finished latent cache .* run `ctok cache-latents"):
         LatentCache(tmp_path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,34 @@ def test_two_torchrun_processes_give_the_single_process_result(tokenizer_dir, im
         assert b[key] == pytest.approx(a[key], rel=1e-6), key
     ra, rb = (np.load(d / "reconstructions.npz")["arr_0"] for d in (single, sharded))
     assert np.abs(ra.astype(int) - rb).max() <= 1
+
+
+def test_reconstruct_folder_writes_the_files_of_the_command(tokenizer_dir, image_folder, tmp_path, no_vgg):
+    """The library function called directly gives the command's files, byte for byte."""
+    from ctok.reconstruction import reconstruct_folder
+
+    cli = tmp_path / "cli"
+    assert run_reconstruct(tokenizer_dir, image_folder, cli, "--limit", "4", "--batch-size", "3",
+                           "--grid-images", "3", "--feature-network", "test_evaluate:TinyFeatures") == 0
+    direct = tmp_path / "direct"
+    results = reconstruct_folder(load_tokenizer(tokenizer_dir), image_folder, direct, feature_network=TinyFeatures(),
+                                 limit=4, batch_size=3, num_workers=0, grid_images=3,
+                                 tokenizer_source=str(tokenizer_dir))
+    assert results == json.loads((direct / "metrics.json").read_text())
+    for name in ("metrics.json", "reconstructions.npz", "reconstructions.png"):
+        assert (direct / name).read_bytes() == (cli / name).read_bytes(), name
+    assert sorted(p.name for p in direct.iterdir()) == ["metrics.json", "reconstructions.npz", "reconstructions.png"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size must be at least 1, got 0"),
+    (dict(grid_images=0), "grid_images must be at least 1, got 0"),
+    (dict(limit=1), "limit must be at least 2 (rFID needs a covariance), got 1"),
+])
+def test_reconstruct_folder_refuses_bad_arguments(tokenizer_dir, image_folder, tmp_path, kwargs, message):
+    from ctok.reconstruction import reconstruct_folder
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        reconstruct_folder(load_tokenizer(tokenizer_dir), image_folder, tmp_path, feature_network=TinyFeatures(),
+                           **kwargs)
+    assert not list(tmp_path.iterdir())

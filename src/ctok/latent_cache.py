@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,17 +83,28 @@ def _shard_name(i: int) -> str:
 
 
 @torch.no_grad()
-def build_latent_cache(tokenizer, dataset: Dataset, out: str | Path, *, tokenizer_source: str,
-                       ctx: DistContext, flip: bool = False, batch_size: int = 64, shard_size: int = 10000,
-                       num_workers: int = 4, dataset_source: str = "", limit: int | None = None) -> Path | None:
+def build_latent_cache(tokenizer, dataset: Dataset, out: str | Path, *, tokenizer_source: str | os.PathLike,
+                       ctx: DistContext | None = None, flip: bool = False, batch_size: int = 64,
+                       shard_size: int = 10000, num_workers: int = 4, dataset_source: str = "",
+                       limit: int | None = None) -> Path | None:
     """Encode ``dataset`` (its first ``limit`` images, if given) into a latent cache at ``out``.
 
-    Returns the index path on rank 0 (None elsewhere). Shards already complete in ``out`` (from an
-    interrupted build with the same settings) are kept.
+    ``tokenizer_source`` (a folder or hub id) is recorded in index.json as where a generator trainer
+    loads the tokenizer from; a local folder is recorded by its absolute path, so that the cache
+    finds it from any working directory. ``ctx``: this process's place under torchrun
+    (:func:`ctok.training.distributed.init_distributed`); None is a single process on the tokenizer's
+    device. Returns the index path on rank 0 (None elsewhere). Shards already complete in ``out``
+    (from an interrupted build with the same settings) are kept.
     """
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     out = Path(out)
     if (out / INDEX_NAME).exists():
         raise ValueError(f"{out} already holds a finished latent cache ({INDEX_NAME}); choose another --out")
+    source = str(Path(tokenizer_source).resolve()) if Path(tokenizer_source).is_dir() else str(tokenizer_source)
+    if ctx is None:
+        ctx = DistContext(rank=0, world_size=1, local_rank=0, device=next(tokenizer.parameters()).device)
     tokenizer = tokenizer.to(ctx.device).eval()
     total = len(dataset) if limit is None else min(limit, len(dataset))
     settings = {
@@ -112,25 +124,31 @@ def build_latent_cache(tokenizer, dataset: Dataset, out: str | Path, *, tokenize
         start = index * shard_size
         part = Subset(dataset, range(start, min(start + shard_size, total)))
         loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-        latents, labels, skipped = [], [], []
-        stats = LatentStatistics(tokenizer.latent_dim)
-        for batch in loader:
-            images, y = batch[0].to(ctx.device), batch[1]
-            skipped.extend(getattr(batch, "skipped", ()))
-            views = [tokenizer.encode(images)]
-            if flip:
-                views.append(tokenizer.encode(images.flip(-1)))
-            z = torch.stack(views, dim=1).float()
-            stats.update(z)
-            latents.append(z.cpu().numpy())
-            labels.append(torch.as_tensor(y, dtype=torch.int64).numpy())
-            bar.update(len(y) + len(getattr(batch, "skipped", ())))
-        _write_shard(out, index, np.concatenate(latents), np.concatenate(labels), stats, settings, skipped)
+        _write_shard(out, index, *_encode(tokenizer, loader, flip, ctx.device, bar), settings)
     bar.close()
     barrier()
     if not ctx.is_main:
         return None
-    return _write_index(out, num_shards, settings, tokenizer, tokenizer_source)
+    return _write_index(out, num_shards, settings, tokenizer, source)
+
+
+def _encode(tokenizer, loader: DataLoader, flip: bool, device: torch.device,
+            bar: tqdm) -> tuple[np.ndarray, np.ndarray, LatentStatistics, list[str]]:
+    """One shard's latents (n, V, N, D), labels (n,), their statistics and the unreadable files."""
+    latents, labels, skipped = [], [], []
+    stats = LatentStatistics(tokenizer.latent_dim)
+    for batch in loader:
+        images, y = batch[0].to(device), batch[1]
+        skipped.extend(getattr(batch, "skipped", ()))
+        views = [tokenizer.encode(images)]
+        if flip:
+            views.append(tokenizer.encode(images.flip(-1)))
+        z = torch.stack(views, dim=1).float()
+        stats.update(z)
+        latents.append(z.cpu().numpy())
+        labels.append(torch.as_tensor(y, dtype=torch.int64).numpy())
+        bar.update(len(y) + len(getattr(batch, "skipped", ())))
+    return np.concatenate(latents), np.concatenate(labels), stats, skipped
 
 
 def _shard_complete(out: Path, index: int, settings: dict) -> bool:
@@ -146,7 +164,7 @@ def _shard_complete(out: Path, index: int, settings: dict) -> bool:
 
 
 def _write_shard(out: Path, index: int, latents: np.ndarray, labels: np.ndarray, stats: LatentStatistics,
-                 settings: dict, skipped: list[str]) -> None:
+                 skipped: list[str], settings: dict) -> None:
     name = _shard_name(index)
     with atomic_write(out / f"{name}.latents.npy") as f:
         np.save(f, latents)

@@ -6,14 +6,16 @@ records them in its config (``latent_stats``, with the identity of the tokenizer
 a released one records nothing and was trained with the tokenizer config's ``vq_mean`` / ``vq_std``.
 Getting this wrong does not fail, it decodes grey blobs; so :class:`LatentPipeline` applies the
 right normalisation itself, refuses a tokenizer the generator was not trained on, and samples
-exactly as ``ctok generate`` does (which calls it for every batch), so that the same seed gives
-the same pixels from Python and from the command line.
+exactly as ``ctok generate`` does (:func:`ctok.generation.generate_to_folder` calls it for every
+batch), so that the same seed gives the same pixels from Python and from the command line.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +32,16 @@ from ctok.uint8 import to_uint8_truncate as to_uint8
 OUTPUTS = ("uint8", "float")
 
 
+@dataclass(frozen=True)
+class PipelineSources:
+    """Where :func:`load_pipeline` found the two models: the tokenizer and generator as given
+    (folder or hub id), and the generator's checkpoint folder (whose weight files fingerprint it)."""
+
+    tokenizer: str
+    generator: str
+    generator_folder: Path
+
+
 class LatentPipeline:
     """``tokenizer`` + the ``generator`` (SiT or DiT) trained on its latents, for inference.
 
@@ -43,6 +55,8 @@ class LatentPipeline:
         latent_stats: the normalisation the generator was trained with: the one its config records,
             else (released generators) the tokenizer config's vq_mean / vq_std.
         device: where both models live.
+        sources: where the models were loaded from (:class:`PipelineSources`), None for models built
+            in memory; :func:`ctok.generation.generate_to_folder` records them.
 
     Raises:
         ValueError: when the generator's latents do not have the tokenizer's shape, when the
@@ -50,7 +64,7 @@ class LatentPipeline:
             or when the two models are on different devices.
     """
 
-    def __init__(self, tokenizer: Tokenizer, generator: SiT | DiT):
+    def __init__(self, tokenizer: Tokenizer, generator: SiT | DiT, *, sources: PipelineSources | None = None):
         if not isinstance(generator, (SiT, DiT)):
             raise ValueError(f"generator must be a SiT or DiT, got {type(generator).__name__}")
         self.kind = generator.kind
@@ -75,6 +89,7 @@ class LatentPipeline:
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
         self.latent_stats = generator.config.latent_stats or LatentStats.of_tokenizer(tokenizer)
+        self.sources = sources
 
     @contextmanager
     def _inference(self):
@@ -181,4 +196,5 @@ def load_pipeline(tokenizer: str | os.PathLike, generator: str | os.PathLike, *,
     if kind == "tokenizer":
         raise ValueError(f"generator {generator} is a tokenizer; pass a SiT or DiT checkpoint")
     model = (load_sit if kind == "sit" else load_dit)(folder, device)
-    return LatentPipeline(load_tokenizer(tokenizer, device), model)
+    return LatentPipeline(load_tokenizer(tokenizer, device), model,
+                          sources=PipelineSources(str(tokenizer), str(generator), folder))

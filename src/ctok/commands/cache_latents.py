@@ -20,26 +20,23 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import json
-    from pathlib import Path
 
     from ctok.data import open_images
     from ctok.hub import load_tokenizer
     from ctok.latent_cache import build_latent_cache
     from ctok.training.distributed import init_distributed, shutdown_distributed
 
+    # The library checks these too, by parameter name; here they are named as the user typed them.
     for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    # A local folder is recorded by its absolute path, so the cache finds it from any working directory.
-    source = str(Path(args.tokenizer).resolve()) if Path(args.tokenizer).is_dir() else args.tokenizer
-    tokenizer = load_tokenizer(source)
-    dataset = open_images(args.data, tokenizer.image_size)
     ctx = init_distributed(args.device)
     try:
-        index = build_latent_cache(tokenizer, dataset, args.out, tokenizer_source=source, ctx=ctx,
-                                   flip=args.flip, batch_size=args.batch_size, shard_size=args.shard_size,
-                                   num_workers=args.num_workers, dataset_source=str(args.data),
-                                   limit=args.limit)
+        tokenizer = load_tokenizer(args.tokenizer, device=ctx.device)
+        index = build_latent_cache(tokenizer, open_images(args.data, tokenizer.image_size), args.out,
+                                   tokenizer_source=args.tokenizer, ctx=ctx, flip=args.flip,
+                                   batch_size=args.batch_size, shard_size=args.shard_size,
+                                   num_workers=args.num_workers, dataset_source=str(args.data), limit=args.limit)
     finally:
         shutdown_distributed()
     if index is not None:

@@ -43,12 +43,13 @@ def format_results(results: dict, names: dict[str, str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ctok.atomic_files import write_json
-    from ctok.metrics.evaluator import evaluate, pick_device
+    from ctok.metrics.evaluator import evaluate
     from ctok.metrics.features import load_feature_network
+    from ctok.validation import parse_device
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    device = pick_device(args.device)
+    device = parse_device(args.device)
     network = load_feature_network(args.feature_network, args.inception_weights, device)
     results = evaluate(args.samples, args.ref, network, batch_size=args.batch_size, device=device, k=args.k,
                        image_size=args.image_size, use_cache=not args.no_cache, num_workers=args.num_workers)

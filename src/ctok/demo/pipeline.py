@@ -1,11 +1,11 @@
-"""The demo, stage by stage: every stage is a ctok command or library call, and every stage resumes.
+"""The demo, stage by stage: every stage is a call of the library the ctok commands run, and every stage resumes.
 
     1. data        Fashion-MNIST (32 x 32, 3 channels); the test split saved as the FID reference
-    2. tokenizer   ctok train-tokenizer (a small MAETok, mask modelling on, no downloaded teachers)
+    2. tokenizer   train_tokenizer, as ctok train-tokenizer (a small MAETok, mask modelling on, no downloaded teachers)
     3. reconstruct the test split through the tokenizer: PSNR, SSIM, reconstruction FID
-    4. latents     ctok cache-latents on the train split
-    5. generator   ctok train-sit on the cached latents (class-conditional, label dropout for guidance)
-    6. generate    ctok generate, class-balanced, with and without guidance
+    4. latents     build_latent_cache on the train split, as ctok cache-latents
+    5. generator   train_generator, as ctok train-sit, on the cached latents (class-conditional, label dropout)
+    6. generate    generate_to_folder, as ctok generate, class-balanced, with and without guidance
     7. evaluate    generation FID and class accuracy with the packaged Fashion-MNIST classifier
     8. report      report.html, metrics.json, PNGs
 
@@ -59,14 +59,6 @@ def say(message: str) -> None:
     tqdm.write(f"\n== {message}")
 
 
-def run_cli(*argv: str) -> None:
-    from ctok.cli import main
-
-    code = main([str(a) for a in argv])
-    if code:
-        raise RuntimeError(f"`ctok {' '.join(map(str, argv))}` failed (exit code {code}); see the message above")
-
-
 class Demo:
     def __init__(self, out: Path, data: str | None, settings: DemoSettings):
         self.out = Path(out)
@@ -101,21 +93,30 @@ class Demo:
             np.save(self.out / "data" / "test_labels.npy", labels[:n].numpy())
             tqdm.write(f"   wrote the first {n} test images (padded to 32 x 32) as the FID reference")
 
-    def train(self, command: str, config: str, run: str, steps: int, batch: int, *overrides: str) -> Path:
-        """Run a ctok trainer into runs/<run>, unless its exported final weights exist; returns that folder."""
+    def train(self, kind: str, config: str, run: str, steps: int, batch: int, *overrides: str) -> Path:
+        """Train a ``kind`` ("tokenizer" or "sit") from the packaged ``config`` with ``key=value``
+        ``overrides`` into runs/<run>, unless its exported final weights exist; returns that folder."""
+        from ctok.training.config import load_config
+        from ctok.training.generator import SiTTrainConfig, train_generator
+        from ctok.training.tokenizer import TokenizerTrainConfig, train_tokenizer
+
         final = self.out / "runs" / run / "final"
         if final.joinpath("model.safetensors").exists():
             tqdm.write(f"   done before: {final}")
             return final
-        run_cli(command, "--config", config, f"run.out_dir={final.parent}", f"run.max_steps={steps}",
-                f"data.batch_size={batch}", f"run.seed={self.settings.seed}", *overrides)
+        overrides = (f"run.out_dir={final.parent}", f"run.max_steps={steps}", f"data.batch_size={batch}",
+                     f"run.seed={self.settings.seed}", *overrides)
+        if kind == "tokenizer":
+            train_tokenizer(load_config(TokenizerTrainConfig, config, overrides))
+        else:
+            train_generator(kind, load_config(SiTTrainConfig, config, overrides))
         return final
 
     def tokenizer(self) -> None:
         s = self.settings
         say(f"Stage 2/8 tokenizer: training a small MAETok for {s.tokenizer_steps} steps (mask modelling on, "
             f"its ratio annealed from 60% to 0 over the first half)")
-        self.tokenizer_dir = self.train("train-tokenizer", "demo-maetok", "tokenizer", s.tokenizer_steps,
+        self.tokenizer_dir = self.train("tokenizer", "demo-maetok", "tokenizer", s.tokenizer_steps,
                                         s.tokenizer_batch, f"data.images={self.fmnist}",
                                         f"masking.anneal_steps={max(1, s.tokenizer_steps // 2)}")
 
@@ -170,29 +171,37 @@ class Demo:
                                                num_workers=0)["fid"])
 
     def latents(self) -> None:
-        say("Stage 4/8 latents: encoding the train split once (ctok cache-latents)")
+        from ctok.data import open_images
+        from ctok.hub import load_tokenizer
+        from ctok.latent_cache import INDEX_NAME, build_latent_cache
+
+        say("Stage 4/8 latents: encoding the train split once (as ctok cache-latents)")
         self.latent_dir = self.out / "latents"
-        if (self.latent_dir / "index.json").exists():  # written last, when every shard is complete
+        if (self.latent_dir / INDEX_NAME).exists():  # written last, when every shard is complete
             tqdm.write("   done before: " + str(self.latent_dir))
             return
-        run_cli("cache-latents", "--tokenizer", self.tokenizer_dir, "--data", self.fmnist, "--out", self.latent_dir,
-                "--batch-size", 500, "--num-workers", 0, "--device", "cpu", "--limit", self.settings.train_images)
+        tokenizer = load_tokenizer(self.tokenizer_dir)
+        build_latent_cache(tokenizer, open_images(self.fmnist, tokenizer.image_size), self.latent_dir,
+                           tokenizer_source=self.tokenizer_dir, batch_size=500, num_workers=0,
+                           dataset_source=str(self.fmnist), limit=self.settings.train_images)
 
     def generator(self) -> None:
         s = self.settings
         say(f"Stage 5/8 generator: training a class-conditional SiT for {s.generator_steps} steps on the latents")
-        self.generator_dir = self.train("train-sit", "demo-sit", "sit", s.generator_steps, s.generator_batch,
+        self.generator_dir = self.train("sit", "demo-sit", "sit", s.generator_steps, s.generator_batch,
                                         f"data.latents={self.latent_dir}")
 
     def generate(self) -> None:
+        from ctok.generation import generate_to_folder
+        from ctok.pipeline import load_pipeline
+
         s = self.settings
         say(f"Stage 6/8 generate: {s.num_images} class-balanced images, {s.sampling_steps} Heun steps, "
             f"guidance {s.cfg_scale} and none")
+        pipe = load_pipeline(self.tokenizer_dir, self.generator_dir, device="cpu")
         for name, scale in (("samples", s.cfg_scale), ("samples_no_guidance", 1.0)):
-            run_cli("generate", "--tokenizer", self.tokenizer_dir, "--model", self.generator_dir,
-                    "--out", self.out / name, "--num-images", s.num_images, "--cfg-scale", scale,
-                    "--steps", s.sampling_steps, "--solver", "heun", "--seed", s.seed, "--batch-size", 250,
-                    "--device", "cpu")
+            generate_to_folder(pipe, self.out / name, num_images=s.num_images, batch_size=250, seed=s.seed,
+                               num_steps=s.sampling_steps, solver="heun", cfg_scale=scale)
 
     def evaluate(self) -> None:
         from ctok.metrics.evaluator import evaluate

@@ -19,6 +19,7 @@ from ctok.metrics.inception import PUBLISHED_IDENTITY
 from ctok.metrics.inception_score import ADM_SPLIT_SIZE, inception_score
 from ctok.metrics.precision_recall import precision_recall
 from ctok.metrics.reference import ReferenceStatistics, reference_statistics
+from ctok.validation import parse_device
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
@@ -48,25 +49,20 @@ def compare(samples: dict[str, np.ndarray], reference: ReferenceStatistics, *, k
     return metrics, reasons
 
 
-def pick_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def evaluate(samples: str | os.PathLike, reference: str | os.PathLike, network: torch.nn.Module, *,
-             batch_size: int = 100, device: str | torch.device | None = None, k: int = 3,
+             batch_size: int = 100, device: str | torch.device = "auto", k: int = 3,
              image_size: int | None = None, use_cache: bool = True, progress: bool = True,
              num_workers: int = 4) -> dict:
     """Evaluate the images in ``samples`` (an ``.npz`` with ``arr_0``, or a folder) against ``reference``.
 
-    ``network``: the feature network (e.g. :func:`~ctok.metrics.inception.load_inception`'s). A folder
+    ``network``: the feature network (e.g. :func:`~ctok.metrics.inception.load_inception`'s), moved to
+    ``device`` (``"auto"``: the GPU when there is one; see :func:`ctok.validation.parse_device`). A folder
     reference is centre-cropped to ``image_size`` (default: the samples' size). Returns a JSON-ready
     dict: ``fid``, ``sfid``, ``inception_score``, ``precision``, ``recall`` (None where unavailable,
     with the reason under ``unavailable``), ``num_samples``, ``num_reference``, ``feature_network``
     (its identity, and whether it is the published Inception whose numbers compare with papers).
     """
-    device = pick_device(device)
+    device = parse_device(device)
     identity = network_identity(network)
     network = network.to(device).eval()
     sample_set = open_image_set(samples, image_size, num_workers)

@@ -1,0 +1,195 @@
+"""A tokenizer's reconstructions of a folder of images, and their rFID, PSNR, SSIM and LPIPS.
+
+Every image is centre-cropped the ADM way, encoded and decoded, and both the crop and its
+reconstruction are quantised to uint8 (what a saved image holds). rFID compares the
+reconstructions with the same crops; PSNR and SSIM are computed on the uint8 images (data range
+255) and averaged over images; LPIPS needs the VGG16 weights and is null, with the reason, without
+them. :func:`reconstruct_folder` writes ``metrics.json``, ``reconstructions.npz`` (``arr_0``, uint8
+(N, S, S, 3), dataset order) and ``reconstructions.png`` (originals beside their reconstructions).
+
+Under torchrun each process takes a contiguous slice of the images and writes a shard to
+``out/.shards``; the first process merges them (``ctok reconstruct`` is this function on flags).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ctok.atomic_files import save_image_grid, write_json
+from ctok.data.images import ImageFolder
+from ctok.metrics.features import network_features, network_identity, to_network_input
+from ctok.metrics.frechet import fid
+from ctok.metrics.image_quality import psnr, ssim
+from ctok.metrics.inception import PUBLISHED_IDENTITY, load_inception
+from ctok.metrics.lpips import lpips
+from ctok.metrics.sample_npz import write_npz_images
+from ctok.models.tokenizer import Tokenizer
+from ctok.training.distributed import DistContext, barrier, gather_objects
+from ctok.uint8 import to_uint8_round
+
+METRICS_NAME = "metrics.json"
+RECONSTRUCTIONS_NAME = "reconstructions.npz"
+GRID_NAME = "reconstructions.png"
+SHARDS = ".shards"
+# Originals and reconstructions side by side: at most this many pairs per row of the grid.
+GRID_PAIRS_PER_ROW = 4
+
+
+def reconstruct_folder(tokenizer: Tokenizer, data: str | os.PathLike, out: str | os.PathLike, *,
+                       feature_network: torch.nn.Module | None = None, vgg_weights: str | os.PathLike | None = None,
+                       limit: int | None = None, batch_size: int = 32, num_workers: int = 4, grid_images: int = 8,
+                       tokenizer_source: str | None = None, ctx: DistContext | None = None) -> dict | None:
+    """Reconstruct the images under ``data`` (ImageNet class sub-folders, or flat; the first ``limit``
+    in sorted file order) and write ``metrics.json``, ``reconstructions.npz`` and ``reconstructions.png``
+    to ``out``.
+
+    ``feature_network`` gives rFID's features (default: the published Inception, from
+    ``$CTOK_INCEPTION_WEIGHTS`` or torch's hub cache); ``vgg_weights`` is torchvision's
+    ``vgg16-397923af.pth`` for LPIPS (default: ``$CTOK_VGG16_WEIGHTS``, then torch's hub cache).
+    ``tokenizer_source`` is recorded in metrics.json as where the tokenizer came from. ``ctx``: this
+    process's place under torchrun (:func:`ctok.training.distributed.init_distributed`); None is a
+    single process on the tokenizer's device. The tokenizer and the feature network are moved to
+    ``ctx.device`` and put in eval mode.
+
+    Returns the metrics written to metrics.json on the first process, None on the others.
+
+    Raises:
+        ValueError: for a batch_size or grid_images below 1, a limit below 2, or fewer than 2
+            readable images (rFID needs a covariance).
+    """
+    for name, value in (("batch_size", batch_size), ("grid_images", grid_images)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if limit is not None and limit < 2:
+        raise ValueError(f"limit must be at least 2 (rFID needs a covariance), got {limit}")
+    if ctx is None:
+        ctx = DistContext(rank=0, world_size=1, local_rank=0, device=next(tokenizer.parameters()).device)
+    tokenizer = tokenizer.to(ctx.device).eval()
+    network = load_inception(device=ctx.device) if feature_network is None else feature_network
+    network = network.to(ctx.device).eval()
+    dataset = ImageFolder(data, tokenizer.image_size, crop="center")
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    start, end = ctx.rank * total // ctx.world_size, (ctx.rank + 1) * total // ctx.world_size
+    loader = DataLoader(Subset(dataset, range(start, end)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=dataset.collate)
+    lpips_net, lpips_reason = _load_lpips(vgg_weights, ctx.device)
+    out = Path(out)
+    (out / SHARDS).mkdir(parents=True, exist_ok=True)
+    count, grid = _reconstruct_slice(tokenizer, loader, network, lpips_net, out / SHARDS, end - start, grid_images,
+                                     ctx)
+    done = sum(gather_objects(count, ctx))  # also waits until every shard is written
+    if done < 2:
+        raise ValueError(f"only {done} image(s) could be reconstructed; rFID needs at least 2")
+    results = None
+    if ctx.is_main:
+        identity = network_identity(network)
+        about = {
+            "unavailable": {"lpips": lpips_reason} if lpips_reason else {},
+            "image_size": tokenizer.image_size,
+            "tokenizer": {"source": tokenizer_source, "identity": tokenizer.identity()},
+            "feature_network": {"identity": identity, "published_inception": identity == PUBLISHED_IDENTITY},
+            "psnr_ssim_on": "uint8 images, data range 255",
+            "data": str(data),
+            "files": {"reconstructions": RECONSTRUCTIONS_NAME, "grid": GRID_NAME},
+        }
+        results = _finish(out, ctx.world_size, about, grid[:grid_images])
+    barrier()
+    return results
+
+
+def _finish(out: Path, world_size: int, about: dict, grid: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """On the first process: merge the shards, draw the grid and write metrics.json (the metrics, then ``about``)."""
+    results = {**_merge(out, world_size), **about}
+    if grid:  # empty only when the first process's slice held no readable image
+        save_image_grid(out / GRID_NAME, torch.stack([t for pair in grid for t in pair]),
+                        nrow=2 * min(GRID_PAIRS_PER_ROW, len(grid)), pad_value=255)
+    write_json(out / METRICS_NAME, results)
+    return results
+
+
+def _load_lpips(vgg_weights: str | os.PathLike | None,
+                device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
+    """(the LPIPS-VGG network, None), or (None, why not) when its VGG16 weights cannot be found."""
+    # Looked up when called, so that a stand-in installed in ctok.metrics.lpips is the one used.
+    from ctok.metrics.lpips import load_lpips_vgg
+
+    try:
+        return load_lpips_vgg(vgg_weights, device), None
+    except FileNotFoundError as err:
+        return None, f"VGG16 weights unavailable: {err}"
+
+
+@torch.no_grad()
+def _reconstruct_slice(tokenizer: Tokenizer, loader: DataLoader, network: torch.nn.Module,
+                       lpips_net: torch.nn.Module | None, shards: Path, size: int, grid_images: int,
+                       ctx: DistContext) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Reconstruct this process's ``size`` images into its shard files; returns how many were read
+    and its first (crop, reconstruction) pairs for the grid (``grid_images`` or a few more)."""
+    side = tokenizer.image_size
+    # Reconstructions go straight to a memory-mapped .npy, so no process holds its whole slice.
+    images = np.lib.format.open_memmap(shards / f"images-{ctx.rank:05d}.npy", mode="w+", dtype=np.uint8,
+                                       shape=(size, side, side, 3))
+    count, skipped, grid = 0, [], []
+    # Per image: the scores, and the pool features of the crop ("real") and its reconstruction ("fake").
+    per_image: dict[str, list] = {"psnr": [], "ssim": [], "lpips": [], "real": [], "fake": []}
+    with tqdm(total=size, desc="reconstruct", unit="img", disable=not ctx.is_main) as bar:
+        for batch in loader:
+            skipped.extend(batch.skipped)
+            bar.update(len(batch.images) + len(batch.skipped))
+            if not len(batch.images):
+                continue
+            x = batch.images.to(ctx.device)
+            real = to_uint8_round(x)
+            fake = to_uint8_round(tokenizer.decode(tokenizer.encode(x)))
+            per_image["psnr"].append(psnr(fake, real).cpu())
+            per_image["ssim"].append(ssim(fake, real).cpu())
+            if lpips_net is not None:
+                per_image["lpips"].append(lpips(to_network_input(fake, ctx.device), x, network=lpips_net).cpu())
+            per_image["real"].append(network_features(network, to_network_input(real, ctx.device))["pool"].cpu())
+            per_image["fake"].append(network_features(network, to_network_input(fake, ctx.device))["pool"].cpu())
+            images[count:count + len(fake)] = fake.permute(0, 2, 3, 1).cpu().numpy()
+            count += len(fake)
+            if len(grid) < grid_images:
+                grid.extend(zip(real.cpu(), fake.cpu()))
+    images.flush()
+    del images
+    scores = {k: torch.cat(v).numpy() for k, v in per_image.items() if v}
+    np.savez(shards / f"scores-{ctx.rank:05d}.npz", count=count, skipped=np.array(skipped, dtype=str), **scores)
+    return count, grid
+
+
+def _merge(out: Path, world_size: int) -> dict:
+    """Combine the processes' shards (in rank order, i.e. dataset order) and remove them."""
+    shards = out / SHARDS
+    parts = [dict(np.load(shards / f"scores-{r:05d}.npz")) for r in range(world_size)]
+    counts = [int(p["count"]) for p in parts]
+
+    def joined(key):
+        found = [p[key] for p in parts if key in p]
+        return np.concatenate(found) if found else None
+
+    def pieces():
+        for rank, n in enumerate(counts):
+            stored = np.load(shards / f"images-{rank:05d}.npy", mmap_mode="r")
+            for s in range(0, n, 256):
+                yield stored[s:min(s + 256, n)]
+
+    total = sum(counts)
+    write_npz_images(out / RECONSTRUCTIONS_NAME, pieces(), total)
+    lpips_values = joined("lpips")
+    results = {
+        "rfid": fid(joined("real"), joined("fake")),
+        "psnr": float(joined("psnr").mean()),
+        "ssim": float(joined("ssim").mean()),
+        "lpips": float(lpips_values.mean()) if lpips_values is not None else None,
+        "num_images": total,
+        "skipped_files": [str(s) for p in parts for s in p["skipped"]],
+    }
+    shutil.rmtree(shards)
+    return results
