@@ -16,7 +16,7 @@ from PIL import Image
 
 from ctok.cli import main
 from ctok.commands import generate
-from ctok.hub import load_dit, load_sit, load_tokenizer
+from ctok.loading import load_dit, load_sit, load_tokenizer
 from ctok.metrics.sample_npz import NpzImages
 from ctok.pipeline import LatentPipeline
 from ctok.sampling import sample_dit, sample_sit

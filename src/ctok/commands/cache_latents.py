@@ -23,8 +23,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from ctok.data import open_images
-    from ctok.hub import load_tokenizer
     from ctok.latent_cache import build_latent_cache
+    from ctok.loading import load_tokenizer
     from ctok.training.distributed import init_distributed, shutdown_distributed
 
     for name in ("batch_size", "shard_size"):

@@ -66,7 +66,7 @@ def reconstruct(args: argparse.Namespace, ctx) -> int:
 
     from ctok.atomic_files import save_image_grid, write_json
     from ctok.data.images import ImageFolder
-    from ctok.hub import load_tokenizer
+    from ctok.loading import load_tokenizer
     from ctok.metrics.features import load_feature_network, network_features, network_identity, to_network_input
     from ctok.metrics.image_quality import psnr, ssim
     from ctok.metrics.inception import PUBLISHED_IDENTITY

@@ -120,7 +120,7 @@ class Demo:
                                         f"masking.anneal_steps={max(1, s.tokenizer_steps // 2)}")
 
     def reconstruct(self) -> None:
-        from ctok.hub import load_tokenizer
+        from ctok.loading import load_tokenizer
         from ctok.metrics import psnr, ssim
         from ctok.metrics.evaluator import evaluate
         from ctok.metrics.sample_npz import NpzImages, write_npz_images

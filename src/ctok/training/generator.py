@@ -38,8 +38,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ctok.data import open_images
-from ctok.hub import load_tokenizer
 from ctok.latent_cache import LatentCache, LatentStatistics
+from ctok.loading import load_tokenizer
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord, build_preset
 from ctok.sampling.flow import FlowPath, sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
