@@ -239,3 +239,20 @@ def test_inspect_names_a_missing_folder(conformance_dir, capsys):
 
     assert main(["inspect", str(conformance_dir / "nowhere")]) == 2
     assert "no checkpoint folder" in capsys.readouterr().err
+
+
+def test_each_kind_is_served_by_the_class_that_registered_it():
+    from ctok import hub
+    from ctok.models.base import PretrainedModel
+
+    assert {kind: hub.model_class(kind) for kind in hub.KINDS} == {"tokenizer": ctok.Tokenizer, "sit": ctok.SiT,
+                                                                   "dit": ctok.DiT}
+
+    class TracedSiT(ctok.SiT):  # a user's subclass serves no kind of its own
+        pass
+
+    assert hub.model_class("sit") is ctok.SiT and TracedSiT.kind == "sit"
+    with pytest.raises(ValueError, match=r"Vae.kind must be one of \('tokenizer', 'sit', 'dit'\), got 'vae'"):
+        type("Vae", (PretrainedModel,), {"kind": "vae"})
+    with pytest.raises(ValueError, match="kind 'sit' is already served by ctok.models.diffusion_transformer.SiT"):
+        type("OtherSiT", (PretrainedModel,), {"kind": "sit"})

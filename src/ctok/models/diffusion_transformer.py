@@ -64,7 +64,7 @@ class TimestepEmbedder(nn.Module):
         )
         half = frequency_size // 2
         # Not saved: the released checkpoints do not carry it and it is a pure function of the size.
-        # Computed on the CPU even when the model is built on the meta device, as the hub loader
+        # Computed on the CPU even when the model is built on the meta device, as from_pretrained
         # builds it: no checkpoint can fill it in afterwards.
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device="cpu") / half)
         self.register_buffer("freqs", freqs, persistent=False)
