@@ -19,8 +19,8 @@ from PIL import Image
 
 from ctok.cli import main
 from ctok.data.images import center_crop_adm, pil_to_tensor
-from ctok.hub import load_dit, load_sit, load_tokenizer
 from ctok.latent_cache import LatentCache, build_latent_cache
+from ctok.loading import load_dit, load_sit, load_tokenizer
 from ctok.metrics import fid, frechet_distance, gaussian_statistics, precision_recall
 from ctok.metrics.reference import cache_path
 from ctok.metrics.sample_npz import NpzImages

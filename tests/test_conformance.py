@@ -27,7 +27,7 @@ def test_vendored_fixtures_are_byte_identical_to_the_shared_originals():
 def test_tokenizer_matches_original(conformance_dir, name):
     _, _, io = conformance_case(name)
     tok = ctok.load_tokenizer(conformance_dir / name)
-    assert tok.kind == name.split("_")[0]
+    assert tok.variant == name.split("_")[0]
     with torch.no_grad():
         assert_conforms(tok.encode(io["x"]), io["z"], "encode")
         assert_conforms(tok.decode(io["z"]), io["rec_from_z"], "decode")
@@ -50,7 +50,8 @@ def test_dit_output_matches_original(conformance_dir):
 
 @pytest.mark.parametrize("name", ["softvq_small", "maetok_small", "sit_small", "dit_small"])
 def test_save_pretrained_round_trips(conformance_dir, tmp_path, name):
-    from ctok.hub import load_any, read_config
+    from ctok.loading import load_any
+    from ctok.models.files import read_config
 
     model, _ = load_any(conformance_dir / name)
     model.save_pretrained(tmp_path)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ctok import generation
 from ctok.cli import main
-from ctok.hub import load_dit, load_sit, load_tokenizer
+from ctok.loading import load_dit, load_sit, load_tokenizer
 from ctok.metrics.sample_npz import NpzImages
 from ctok.pipeline import LatentPipeline, load_pipeline
 from ctok.sampling import sample_dit, sample_sit

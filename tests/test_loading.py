@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ctok
-from ctok.hub import load_any
+from ctok.loading import load_any
 
 
 def _copy_case(src, dst, edit_state=None, edit_config=None):
@@ -46,11 +46,62 @@ def test_missing_and_misshaped_weights_are_listed_in_one_error(conformance_dir, 
     assert "quant_conv.weight (3, 3) (config expects (8, 384))" in msg
 
 
-def test_unknown_config_keys_are_tolerated_and_kept(conformance_dir, tmp_path):
-    folder = _copy_case(conformance_dir / "maetok_small", tmp_path / "ck",
+@pytest.mark.parametrize("case", ["maetok_small", "sit_small", "dit_small"])
+def test_unknown_config_keys_are_tolerated_kept_and_written_back(conformance_dir, tmp_path, case):
+    """One policy for every model: a key ctok does not know is kept, saved again and reported as unused."""
+    folder = _copy_case(conformance_dir / case, tmp_path / "ck",
                         edit_config=lambda c: c.update(some_future_field=[1, 2]))
-    tok = ctok.load_tokenizer(folder)
-    assert tok.to_config()["some_future_field"] == [1, 2]
+    model, report = load_any(folder)
+    assert model.to_config()["some_future_field"] == [1, 2] and model.extra_config["some_future_field"] == [1, 2]
+    assert "some_future_field" in report.unused_config_keys
+    again, report = load_any(model.save_pretrained(tmp_path / "saved"))
+    assert again.to_config() == model.to_config() and "some_future_field" in report.unused_config_keys
+
+
+def test_a_typo_in_a_ctok_written_config_is_visible(conformance_dir, tmp_path, run_inspect):
+    sit = ctok.load_sit(conformance_dir / "sit_small")
+
+    def misspell(key, value):
+        def edit(config):
+            del config[key]
+            config[value] = getattr(sit.config, key)
+        return edit
+
+    # A misspelt field that changes the shapes: the load error names the suspect.
+    saved = sit.save_pretrained(tmp_path / "saved")
+    folder = _copy_case(saved, tmp_path / "depth", edit_config=misspell("depth", "deph"))
+    with pytest.raises(ValueError, match=r"do not fit its config.json: .* \(config keys ctok does not use: "
+                                         r"\['deph'\]\)$"):
+        ctok.load_sit(folder)
+    # One whose value is the default: the model loads, and ctok inspect lists the key.
+    folder = _copy_case(saved, tmp_path / "qk", edit_config=misspell("qk_norm", "qk_nrom"))
+    assert _printed_fields(run_inspect(folder))["unused_config_keys"] == "1 (kept, unused): qk_nrom"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(vae_1d=False), "vae_1d=false: ctok only runs models on 1-D latent tokens"),
+    (dict(patch_size=2), "on 1-D latents uses patch_size 1, got 2"),
+    (dict(decoder_hidden_size=64), "decoder_hidden_size 64 must equal hidden_size 96"),
+])
+def test_transformer_flags_that_change_the_computation_are_refused(conformance_dir, edit, message):
+    config = json.loads((conformance_dir / "sit_small" / "config.json").read_text())
+    with pytest.raises(ValueError, match=message):
+        ctok.SiT.from_config({**config, **edit})
+
+
+def test_a_config_written_by_ctok_0_1_reads_its_tokenizer_kind_as_the_variant(conformance_dir, tmp_path):
+    """ctok 0.1 wrote the variant under the key tokenizer_kind; the identity it computed does not move."""
+    old = _copy_case(conformance_dir / "softvq_small", tmp_path / "old",
+                     edit_config=lambda c: c.update(tokenizer_kind="softvq"))
+    tok = ctok.load_tokenizer(old)
+    assert tok.variant == "softvq" and "tokenizer_kind" not in tok.extra_config
+    assert tok.identity() == "softvq-8x8-15742e560211739c"  # what ctok 0.1 printed for this checkpoint
+    written = json.loads((tok.save_pretrained(tmp_path / "new") / "config.json").read_text())
+    assert written["variant"] == "softvq" and "tokenizer_kind" not in written
+    assert ctok.load_tokenizer(tmp_path / "new").identity() == tok.identity()
+    config = json.loads((old / "config.json").read_text())
+    with pytest.raises(ValueError, match="variant='maetok' and tokenizer_kind='softvq' .*keep one"):
+        ctok.Tokenizer.from_config({**config, "variant": "maetok"})
 
 
 def test_pytorch_bin_loads_through_weights_only(conformance_dir, tmp_path):
@@ -83,8 +134,12 @@ def test_missing_folder_and_missing_weights(tmp_path, monkeypatch):
 
 
 def test_wrong_kind_of_config_is_named(conformance_dir):
-    with pytest.raises(ValueError, match="unknown sit config keys.*encoder_model"):
+    with pytest.raises(ValueError, match=r"config is a tokenizer's, not a SiT's: build it with Tokenizer.from_config"):
         ctok.SiT.from_config(json.loads((conformance_dir / "softvq_small" / "config.json").read_text()))
+    with pytest.raises(ValueError, match=r"config is a DiT's, not a SiT's: build it with DiT.from_config"):
+        ctok.SiT.from_config(json.loads((conformance_dir / "dit_small" / "config.json").read_text()))
+    with pytest.raises(ValueError, match=r"config is a SiT's, not a tokenizer's: build it with SiT.from_config"):
+        ctok.Tokenizer.from_config(json.loads((conformance_dir / "sit_small" / "config.json").read_text()))
     with pytest.raises(ValueError, match="softvq_small is a tokenizer checkpoint, not a SiT; load it with "
                                          r"ctok.load_tokenizer \(or Tokenizer.from_pretrained\)"):
         ctok.load_sit(conformance_dir / "softvq_small")
@@ -92,10 +147,10 @@ def test_wrong_kind_of_config_is_named(conformance_dir):
 
 # What ``ctok inspect`` must print for each conformance case, read off its config.json.
 INSPECTED = {
-    "softvq_small": dict(kind="softvq", image_size=64, num_tokens=8, latent_dim=8,
+    "softvq_small": dict(kind="tokenizer", variant="softvq", image_size=64, num_tokens=8, latent_dim=8,
                          encoder="vit_small_patch14_dinov2.lvd142m", decoder="vit_small_patch14_dinov2.lvd142m",
                          vq_mean=0.0, vq_std=1.0),
-    "maetok_small": dict(kind="maetok", image_size=64, num_tokens=16, latent_dim=8,
+    "maetok_small": dict(kind="tokenizer", variant="maetok", image_size=64, num_tokens=16, latent_dim=8,
                          encoder="vit_small_patch14_dinov2.lvd142m", decoder="vit_small_patch14_dinov2_movqv2",
                          vq_mean=0.0, vq_std=1.0),
     "sit_small": dict(kind="sit", num_tokens=16, latent_dim=8, num_classes=1000, null_class=True, depth=3,
@@ -103,7 +158,22 @@ INSPECTED = {
     "dit_small": dict(kind="dit", num_tokens=16, latent_dim=8, num_classes=1000, null_class=True, depth=3,
                       hidden_size=96),
 }
-MODEL_CLASSES = {"softvq": ctok.Tokenizer, "maetok": ctok.Tokenizer, "sit": ctok.SiT, "dit": ctok.DiT}
+MODEL_CLASSES = {"tokenizer": ctok.Tokenizer, "sit": ctok.SiT, "dit": ctok.DiT}
+# The keys of the released configs that only the original training script read: kept, unused.
+_RELEASED_TRAINING_KEYS = ["codebook_show_usage", "commit_loss_beta", "dec_pretrained", "decoder_ch_mult", "dropout_p",
+                           "enc_pretrained", "encoder_ch_mult", "kl_loss_weight", "repa", "repa_align",
+                           "repa_loss_weight", "repa_model", "repa_patch_size", "repa_proj_dim", "vq_loss_ratio",
+                           "z_channels"]
+UNUSED = {"softvq_small": _RELEASED_TRAINING_KEYS,
+          "maetok_small": sorted(_RELEASED_TRAINING_KEYS + ["aux_clip_dec", "aux_dec_cls_token", "aux_dec_model",
+                                                            "aux_dino_dec", "aux_hog_dec", "aux_loss_mask",
+                                                            "aux_supcls_dec"]),
+          # Hub metadata and the 1-D flags are read or written by ctok: nothing is left over.
+          "sit_small": [], "dit_small": []}
+
+
+def _printed_unused(keys: list[str]) -> str:
+    return f"{len(keys)} (kept, unused)" + (": " + ", ".join(keys) if keys else "")
 
 
 def _parameter_count(folder, kind: str) -> int:
@@ -140,8 +210,10 @@ def test_inspect_prints_what_the_checkpoint_is(conformance_dir, run_inspect, cas
     head = {"source": str(folder), "folder": str(folder)}
     assert _printed_fields(run_inspect(folder)) == {
         **head, **{k: str(v) for k, v in expected.items()},
-        "parameters": f"{n:,} ({n / 1e6:.1f}M)", "ignored_weights": "0 (training-only)"}
-    assert json.loads(run_inspect(folder, "--json")) == {**head, **expected, "parameters": n, "ignored_weights": []}
+        "parameters": f"{n:,} ({n / 1e6:.1f}M)", "ignored_weights": "0 (training-only)",
+        "unused_config_keys": _printed_unused(UNUSED[case])}
+    assert json.loads(run_inspect(folder, "--json")) == {**head, **expected, "parameters": n, "ignored_weights": [],
+                                                         "unused_config_keys": UNUSED[case]}
 
 
 def test_inspect_lists_ignored_training_only_weights(conformance_dir, tmp_path, run_inspect):
@@ -153,7 +225,7 @@ def test_inspect_lists_ignored_training_only_weights(conformance_dir, tmp_path, 
     # base_image_size only matters to RoPE, which SoftVQ does not use; the resolution is image_size.
     folder = _copy_case(conformance_dir / "softvq_small", tmp_path / "ck", edit_state=add_training_weights,
                         edit_config=lambda c: c.update(base_image_size=256))
-    n = _parameter_count(conformance_dir / "softvq_small", "softvq")
+    n = _parameter_count(conformance_dir / "softvq_small", "tokenizer")
     printed = _printed_fields(run_inspect(folder))
     assert printed["ignored_weights"] == "3 (training-only): " + ", ".join(extra)
     assert printed["parameters"] == f"{n:,} ({n / 1e6:.1f}M)"  # what the model has, not what the file holds
@@ -167,3 +239,20 @@ def test_inspect_names_a_missing_folder(conformance_dir, capsys):
 
     assert main(["inspect", str(conformance_dir / "nowhere")]) == 2
     assert "no checkpoint folder" in capsys.readouterr().err
+
+
+def test_each_kind_is_served_by_the_class_that_registered_it():
+    from ctok import hub
+    from ctok.models.base import PretrainedModel
+
+    assert {kind: hub.model_class(kind) for kind in hub.KINDS} == {"tokenizer": ctok.Tokenizer, "sit": ctok.SiT,
+                                                                   "dit": ctok.DiT}
+
+    class TracedSiT(ctok.SiT):  # a user's subclass serves no kind of its own
+        pass
+
+    assert hub.model_class("sit") is ctok.SiT and TracedSiT.kind == "sit"
+    with pytest.raises(ValueError, match=r"Vae.kind must be one of \('tokenizer', 'sit', 'dit'\), got 'vae'"):
+        type("Vae", (PretrainedModel,), {"kind": "vae"})
+    with pytest.raises(ValueError, match="kind 'sit' is already served by ctok.models.diffusion_transformer.SiT"):
+        type("OtherSiT", (PretrainedModel,), {"kind": "sit"})

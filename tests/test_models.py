@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from ctok.models.diffusion_transformer import SIZES, SiT
+from ctok.models import presets
+from ctok.models.diffusion_transformer import SiT
 from ctok.models.diffusion_transformer import build_preset as build_generator
-from ctok.models.tokenizer import PRESET_NAMES, Tokenizer, build_tokenizer, preset_config
+from ctok.models.tokenizer import Tokenizer, build_tokenizer, preset_config
 from ctok.models.vit import MoVQBlock
 
-TINY_MAETOK = dict(tokenizer_kind="maetok", image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
+TINY_MAETOK = dict(variant="maetok", image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
                    decoder_model="vit_tiny_patch14_dinov2_movqv2", num_latent_tokens=8, codebook_embed_dim=4,
                    use_ape=False, use_rope=True, rope_mixed=True, dec_cls_token=False, enc_token_drop=0.4,
                    encoder_size=[64, 2, 2], decoder_size=[32, 1, 2])
@@ -20,16 +21,16 @@ TINY_MAETOK = dict(tokenizer_kind="maetok", image_size=32, base_image_size=32, e
 VIT_B, VIT_L = (768, 12, 12), (1024, 24, 16)  # DINOv2 ViT-B / ViT-L: width, depth, heads
 # Parameter counts in millions as the README publishes them (0.1M); None where none is published.
 _FAMILIES = {
-    "softvq-b-64": dict(kind="softvq", tokens=64, dim=32, encoder=VIT_B, decoder=VIT_B, millions=173.6),
-    "softvq-bl-64": dict(kind="softvq", tokens=64, dim=32, encoder=VIT_B, decoder=VIT_L, millions=391.3,
+    "softvq-b-64": dict(variant="softvq", tokens=64, dim=32, encoder=VIT_B, decoder=VIT_B, millions=173.6),
+    "softvq-bl-64": dict(variant="softvq", tokens=64, dim=32, encoder=VIT_B, decoder=VIT_L, millions=391.3,
                          vq=(-0.00077168207, 0.07157949)),
-    "softvq-l-64": dict(kind="softvq", tokens=64, dim=32, encoder=VIT_L, decoder=VIT_L, millions=608.9),
-    "softvq-b-32": dict(kind="softvq", tokens=32, dim=64, encoder=VIT_B, decoder=VIT_B),
-    "softvq-bl-32": dict(kind="softvq", tokens=32, dim=64, encoder=VIT_B, decoder=VIT_L),
+    "softvq-l-64": dict(variant="softvq", tokens=64, dim=32, encoder=VIT_L, decoder=VIT_L, millions=608.9),
+    "softvq-b-32": dict(variant="softvq", tokens=32, dim=64, encoder=VIT_B, decoder=VIT_B),
+    "softvq-bl-32": dict(variant="softvq", tokens=32, dim=64, encoder=VIT_B, decoder=VIT_L),
     # The released softvq-l-32 config names a ViT-B encoder and a ViT-L decoder.
-    "softvq-l-32": dict(kind="softvq", tokens=32, dim=64, encoder=VIT_B, decoder=VIT_L,
+    "softvq-l-32": dict(variant="softvq", tokens=32, dim=64, encoder=VIT_B, decoder=VIT_L,
                         vq=(0.00060894643, 0.029030401)),
-    "maetok-b-128": dict(kind="maetok", tokens=128, dim=32, encoder=VIT_B, decoder=VIT_B, millions=173.9),
+    "maetok-b-128": dict(variant="maetok", tokens=128, dim=32, encoder=VIT_B, decoder=VIT_B, millions=173.9),
 }
 # Every family at 256 px and at 512 px; the token count does not grow with the resolution.
 TOKENIZER_PRESETS = {**{name: dict(e, image=256) for name, e in _FAMILIES.items()},
@@ -37,7 +38,7 @@ TOKENIZER_PRESETS = {**{name: dict(e, image=256) for name, e in _FAMILIES.items(
 # SiT / DiT sizes (DiT paper, Table 1): depth, width, heads, parameters in millions (1M published).
 GENERATOR_SIZES = {"S": (12, 384, 6, 33), "B": (12, 768, 12, 130), "L": (24, 1024, 16, 458),
                    "XL": (28, 1152, 16, 675)}
-GENERATOR_PRESETS = [f"{family}-{size}/1" for family in ("SiT", "DiT") for size in SIZES]
+GENERATOR_PRESETS = [f"{family}-{size}/1" for family in ("SiT", "DiT") for size in presets.GENERATOR_SIZES]
 
 
 def _count(model):
@@ -58,17 +59,18 @@ def _vit_shape(vit) -> tuple[int, int, int]:
 
 def test_every_preset_has_expected_figures():
     # A preset added (or removed) without its published figures here fails.
-    assert set(PRESET_NAMES) == set(TOKENIZER_PRESETS)
-    assert set(SIZES) == set(GENERATOR_SIZES)
+    assert set(presets.TOKENIZER_PRESET_NAMES) == set(TOKENIZER_PRESETS)
+    assert set(presets.GENERATOR_SIZES) == set(GENERATOR_SIZES)
 
 
-@pytest.mark.parametrize("name", PRESET_NAMES)
+@pytest.mark.parametrize("name", presets.TOKENIZER_PRESET_NAMES)
 def test_tokenizer_preset_has_its_published_shape(name):
     expected = TOKENIZER_PRESETS[name]
     tok = _meta_tokenizer(name)
     enc_width, dec_width = expected["encoder"][0], expected["decoder"][0]
     size, tokens, dim = expected["image"], expected["tokens"], expected["dim"]
-    assert (tok.kind, tok.image_size, tok.num_tokens, tok.latent_dim) == (expected["kind"], size, tokens, dim)
+    assert (tok.kind, tok.variant, tok.image_size, tok.num_tokens, tok.latent_dim) == ("tokenizer", expected["variant"],
+                                                                                       size, tokens, dim)
     assert _vit_shape(tok.encoder) == expected["encoder"] and _vit_shape(tok.decoder) == expected["decoder"]
     # Patch 16 in and out: (S/16)^2 image tokens, a linear head to 16 x 16 x 3 pixels.
     assert tok.encoder.model.patch_embed.patch_size == (16, 16) and tok.num_patches == (size // 16) ** 2
@@ -79,7 +81,7 @@ def test_tokenizer_preset_has_its_published_shape(name):
     assert tok.encoder.latent_tokens.shape == (1, tokens, enc_width)
     assert tok.decoder.latent_pos_embed.shape == (1, tokens, dec_width)
     c = tok.config
-    if expected["kind"] == "softvq":
+    if expected["variant"] == "softvq":
         q = tok.quantize
         assert (q.num_codebooks, q.codebook_size, q.tau, q.entropy_loss_ratio) == (4, 8192, 0.07, 0.01)
         assert q.embedding.shape == (4, 8192, dim)

@@ -62,7 +62,7 @@ assert ctok.__file__.startswith({str(site)!r}), ctok.__file__
 assert str(resolve_config_path("tiny-maetok")).startswith({str(site)!r})
 print(len(packaged_config_names()))
 tok = ctok.load_tokenizer({str(conformance_dir / "maetok_small")!r})
-print(tok.kind, tok.num_tokens, tok.latent_dim)
+print(tok.variant, tok.num_tokens, tok.latent_dim)
 print(load_fmnist_classifier().identity)
 """
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}

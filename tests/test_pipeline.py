@@ -12,7 +12,7 @@ import torch
 import ctok
 from conftest import REPO
 from ctok.cli import main
-from ctok.hub import load_dit, load_sit, load_tokenizer
+from ctok.loading import load_dit, load_sit, load_tokenizer
 from ctok.metrics.sample_npz import NpzImages
 from ctok.models.diffusion_transformer import LatentStats, TokenizerRecord
 from ctok.pipeline import LatentPipeline, load_pipeline, to_uint8

@@ -16,7 +16,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from ctok.cli import main
 from ctok.data.images import center_crop_adm, pil_to_tensor
-from ctok.hub import load_tokenizer
+from ctok.loading import load_tokenizer
 from ctok.metrics import fid
 from ctok.models.tokenizer import Tokenizer
 from test_evaluate import TinyFeatures

@@ -72,12 +72,12 @@ def test_per_sample_random_numbers_do_not_depend_on_the_split(accum, world):
 
 
 def test_lr_warmup_then_cosine_or_constant():
-    cosine = [lr_factor(s, kind="cosine", warmup_steps=4, total_steps=14, min_ratio=0.1) for s in range(15)]
+    cosine = [lr_factor(s, schedule="cosine", warmup_steps=4, total_steps=14, min_ratio=0.1) for s in range(15)]
     assert cosine[:4] == [0.25, 0.5, 0.75, 1.0]
     assert cosine[4] == 1.0
     assert cosine[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert cosine[14] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(cosine[4:], cosine[5:]))
-    assert [lr_factor(s, kind="constant", warmup_steps=2, total_steps=9) for s in (0, 1, 2, 8)] == [0.5, 1, 1, 1]
+    assert [lr_factor(s, schedule="constant", warmup_steps=2, total_steps=9) for s in (0, 1, 2, 8)] == [0.5, 1, 1, 1]
     with pytest.raises(ValueError, match="'constant' or 'cosine', got 'linear'"):
-        lr_factor(0, kind="linear", warmup_steps=0, total_steps=1)
+        lr_factor(0, schedule="linear", warmup_steps=0, total_steps=1)

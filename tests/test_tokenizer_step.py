@@ -166,7 +166,7 @@ def _expected_terms(setup: Setup, step: int) -> dict:
     perceptual_weight = LOSS["perceptual_weight"] * min(1.0, step / LOSS["perceptual_warmup"])
     nll = LOSS["reconstruction_weight"] * terms["rec"] + perceptual_weight * terms["lpips"]
     total = nll
-    if tok.kind == "softvq":
+    if tok.variant == "softvq":
         # Entropy of the soft assignments at temperature 0.01: per-row entropy minus that of the mean;
         # the codebook is detached inside the logits, so this term does not move it.
         q = tok.quantize

@@ -21,7 +21,7 @@ from scipy.stats import kstest, norm, truncnorm
 
 from ctok.cli import main
 from ctok.losses import hinge_discriminator_loss
-from ctok.models.tokenizer import Tokenizer, config_from_dict
+from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.config import load_config, packaged_config_names
 from ctok.training.masking import MaskSchedule, random_patch_mask
@@ -51,14 +51,14 @@ def test_recipes_encode_the_published_numbers():
             mae.gan.consistency_weight, mae.gan.discriminator, mae.loss.perceptual_warmup) == \
         (0.4, True, 30000, 0.001, 4.0, "dino", 10000)
     assert (mae.auxiliary.width, mae.auxiliary.depth, mae.auxiliary.num_heads) == (192, 3, 3)
-    assert config_from_dict(tokenizer_config(mae.model))[1].enc_token_drop == 0.4 and mae.ema.decay == 0.9999
+    assert Tokenizer.split_config(tokenizer_config(mae.model))[0].enc_token_drop == 0.4 and mae.ema.decay == 0.9999
     stage2 = load_config(TokenizerTrainConfig, "maetok-b-128-decoder")
     assert stage2.init.freeze_encoder and not stage2.auxiliary.enabled and stage2.init.tokenizer
     assert (stage2.masking.schedule, stage2.masking.anneal_from, stage2.masking.anneal_steps) == ("anneal", 0.6, 50000)
     soft = load_config(TokenizerTrainConfig, "softvq-l-64")
     assert (soft.data.batch_size, soft.gan.weight, soft.gan.start_step, soft.alignment.weight) == (256, 0.2, 20000, 0.1)
     assert soft.init.encoder == "vit_large_patch14_dinov2.lvd142m"
-    assert config_from_dict(tokenizer_config(soft.model))[1].entropy_loss_ratio == 0.01
+    assert Tokenizer.split_config(tokenizer_config(soft.model))[0].entropy_loss_ratio == 0.01
 
 
 def test_unknown_keys_are_rejected(capsys):
@@ -225,7 +225,7 @@ def _log(run: Path) -> list[dict]:
 def test_tiny_config_learns_to_reconstruct(config, synthetic_fashion_mnist, tmp_path):
     """A few hundred steps with everything on (masking + auxiliary decoders, or alignment + entropy;
     LPIPS; the GAN from step 100) bring the reconstruction error well below its start."""
-    from ctok.hub import load_tokenizer
+    from ctok.loading import load_tokenizer
 
     run = tmp_path / "run"
     _train(["--config", config, f"data.images={synthetic_fashion_mnist}", f"run.out_dir={run}", "run.max_steps=200",

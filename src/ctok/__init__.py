@@ -21,9 +21,9 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "load_tokenizer": "ctok.hub",
-    "load_sit": "ctok.hub",
-    "load_dit": "ctok.hub",
+    "load_tokenizer": "ctok.loading",
+    "load_sit": "ctok.loading",
+    "load_dit": "ctok.loading",
     "load_pipeline": "ctok.pipeline",
     "LatentPipeline": "ctok.pipeline",
     "Tokenizer": "ctok.models.tokenizer",

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ctok.hub import load_dit, load_sit, load_tokenizer, model_kind, read_config, resolve
+from ctok.hub import model_kind, resolve
+from ctok.loading import load_dit, load_sit, load_tokenizer
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT
+from ctok.models.files import read_config
 from ctok.models.tokenizer import Tokenizer
 from ctok.sampling.flow import SOLVERS as SIT_SOLVERS
 from ctok.sampling.flow import sample_sit

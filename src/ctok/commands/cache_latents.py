@@ -22,8 +22,8 @@ def run(args) -> int:
     import json
 
     from ctok.data import open_images
-    from ctok.hub import load_tokenizer
     from ctok.latent_cache import build_latent_cache
+    from ctok.loading import load_tokenizer
     from ctok.training.distributed import init_distributed, shutdown_distributed
 
     # The library checks these too, by parameter name; here they are named as the user typed them.

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ctok.hub import load_tokenizer
+    from ctok.loading import load_tokenizer
     from ctok.metrics.features import load_feature_network
     from ctok.reconstruction import METRICS_NAME, reconstruct_folder
     from ctok.training.distributed import init_distributed, shutdown_distributed

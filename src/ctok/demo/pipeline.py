@@ -121,7 +121,7 @@ class Demo:
                                         f"masking.anneal_steps={max(1, s.tokenizer_steps // 2)}")
 
     def reconstruct(self) -> None:
-        from ctok.hub import load_tokenizer
+        from ctok.loading import load_tokenizer
         from ctok.metrics import psnr, ssim
         from ctok.metrics.evaluator import evaluate
         from ctok.metrics.sample_npz import NpzImages, write_npz_images
@@ -172,7 +172,7 @@ class Demo:
 
     def latents(self) -> None:
         from ctok.data import open_images
-        from ctok.hub import load_tokenizer
+        from ctok.loading import load_tokenizer
         from ctok.latent_cache import INDEX_NAME, build_latent_cache
 
         say("Stage 4/8 latents: encoding the train split once (as ctok cache-latents)")

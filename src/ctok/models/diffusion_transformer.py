@@ -13,18 +13,23 @@ the model was trained with label dropout (``class_dropout_prob > 0``).
 A generator trained by ctok also carries, in its config, what sampling must know about the latents
 it learned: their normalisation (``latent_stats``), the tokenizer they came from (``tokenizer``)
 and, for a DiT, its noise schedule. Released checkpoints carry none of them; the fields are then
-None and are left out of the config.json that ``save_pretrained`` writes.
+None and are left out of the config.json that ``save_pretrained`` writes. Other keys of a config.json
+are kept and written back (the policy of :mod:`ctok.models.base`), except values that would change
+the computation: ``vae_1d=false``, a ``patch_size`` other than 1, a ``decoder_hidden_size`` other than
+``hidden_size``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from ctok.models.base import PretrainedModel
+from ctok.models.presets import GENERATOR_PRESET_NAMES, GENERATOR_SIZES
 from ctok.validation import check_batch, check_labels, check_tensor
 
 
@@ -59,7 +64,7 @@ class TimestepEmbedder(nn.Module):
         )
         half = frequency_size // 2
         # Not saved: the released checkpoints do not carry it and it is a pure function of the size.
-        # Computed on the CPU even when the model is built on the meta device, as the hub loader
+        # Computed on the CPU even when the model is built on the meta device, as from_pretrained
         # builds it: no checkpoint can fill it in afterwards.
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device="cpu") / half)
         self.register_buffer("freqs", freqs, persistent=False)
@@ -226,24 +231,20 @@ class TransformerConfig:
 # Config fields that a config.json holds only when they are set.
 _RECORDED_KEYS = ("latent_stats", "tokenizer", "noise_schedule")
 
-# Keys that configs carry but that change nothing in the network's computation: hub metadata,
-# the attention kernel choice, and flags that are always true for 1-D latents.
-_INERT_KEYS = {"license", "repo_url", "tags", "fused_attn", "flash_attn", "use_cfg", "vae_1d", "patch_size",
-               "decoder_hidden_size", "path_type", "learn_sigma"}
 
-
-class DiffusionTransformer(nn.Module):
+class DiffusionTransformer(PretrainedModel):
     """The shared network; see :class:`SiT` and :class:`DiT` for the two parameterisations."""
 
-    kind: str = ""
-    config_class = TransformerConfig
+    # Keys that are not config fields but that the released configs carry and ctok reads or writes:
+    # hub metadata, the attention kernel choice, and flags fixed for 1-D latents (checked on reading).
+    handled_keys = frozenset({"license", "repo_url", "tags", "fused_attn", "flash_attn", "use_cfg", "vae_1d",
+                              "patch_size", "decoder_hidden_size"})
 
-    def __init__(self, config: TransformerConfig, out_channels: int):
-        super().__init__()
-        self.config = config
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
         self.num_tokens = config.input_size
         self.in_channels = config.in_channels
-        self.out_channels = out_channels
+        self.out_channels = config.out_channels  # SiTConfig and DiTConfig each say what their model predicts
         self.num_classes = config.num_classes
         self.x_embedder = nn.Linear(config.in_channels, config.hidden_size)
         self.t_embedder = TimestepEmbedder(config.hidden_size)
@@ -252,7 +253,7 @@ class DiffusionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(config.hidden_size, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
         )
-        self.final_layer = FinalLayer(config.hidden_size, out_channels)
+        self.final_layer = FinalLayer(config.hidden_size, config.out_channels)
         self.initialize_weights()
 
     @property
@@ -302,12 +303,8 @@ class DiffusionTransformer(nn.Module):
 
     # -- configuration ---------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: dict) -> "DiffusionTransformer":
-        """Build from a released-style config dict; keys that do not affect the function are ignored."""
-        known = {f.name for f in fields(cls.config_class)}
-        unknown = set(config) - known - _INERT_KEYS
-        if unknown:
-            raise ValueError(f"unknown {cls.kind} config keys: {sorted(unknown)}")
+    def check_config(cls, config: dict) -> dict:
+        """Refuse the flags of the original code that ctok does not implement for 1-D latents."""
         if config.get("vae_1d") is False:
             raise ValueError(f"{cls.kind} config has vae_1d=false: ctok only runs models on 1-D latent tokens")
         if config.get("patch_size", 1) != 1:
@@ -315,34 +312,16 @@ class DiffusionTransformer(nn.Module):
         dec = config.get("decoder_hidden_size")
         if dec is not None and dec != config.get("hidden_size", TransformerConfig.hidden_size):
             raise ValueError(f"decoder_hidden_size {dec} must equal hidden_size {config.get('hidden_size')}")
-        model = cls(cls.config_class(**{k: v for k, v in config.items() if k in known}))
-        # Hub metadata and inert flags are written back unchanged by save_pretrained.
-        model.extra_config = {k: v for k, v in config.items() if k not in known}
-        return model
+        return config
 
-    @classmethod
-    def from_pretrained(cls, src, device: str | torch.device = "cpu") -> "DiffusionTransformer":
-        """A checkpoint folder or hub id, loaded in eval mode: the same as ``ctok.load_sit`` / ``ctok.load_dit``."""
-        from ctok.hub import load_pretrained  # the hub module imports this one
-
-        return load_pretrained(cls, src, device)
-
-    def to_config(self) -> dict:
-        """The config.json written next to the weights: the original constructor's arguments."""
-        out = dict(getattr(self, "extra_config", {}))
-        out.update(asdict(self.config), vae_1d=True, patch_size=1)
-        out.setdefault("license", "apache-2.0")
-        return {k: v for k, v in out.items() if not (k in _RECORDED_KEYS and v is None)}
+    def config_entries(self) -> dict:
+        """The original constructor's arguments (records only when set) and the 1-D flags its loader reads."""
+        entries = {k: v for k, v in super().config_entries().items() if not (k in _RECORDED_KEYS and v is None)}
+        return {**entries, "vae_1d": True, "patch_size": 1, "license": self.extra_config.get("license", "apache-2.0")}
 
     def num_parameters(self) -> int:
         """How many numbers the parameters hold (buffers not counted)."""
         return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, folder):
-        """Write ``config.json`` and ``model.safetensors`` to ``folder`` (see ``ctok.hub.save_pretrained``)."""
-        from ctok.hub import save_pretrained
-
-        return save_pretrained(self, folder)
 
 
 @dataclass
@@ -350,6 +329,16 @@ class SiTConfig(TransformerConfig):
     """A SiT's config: the shared fields and the flow path it was trained on."""
 
     path_type: str = "linear"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.path_type not in ("linear", "cosine"):
+            raise ValueError(f"path_type must be 'linear' or 'cosine', got {self.path_type!r}")
+
+    @property
+    def out_channels(self) -> int:
+        """The velocity has the latents' channels."""
+        return self.in_channels
 
 
 class SiT(DiffusionTransformer):
@@ -362,21 +351,15 @@ class SiT(DiffusionTransformer):
     kind = "sit"
     config_class = SiTConfig
 
-    def __init__(self, config: SiTConfig):
-        if config.path_type not in ("linear", "cosine"):
-            raise ValueError(f"path_type must be 'linear' or 'cosine', got {config.path_type!r}")
-        super().__init__(config, out_channels=config.in_channels)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The velocity (B, N, D) at latents x (B, N, D), times t (B,) in [0, 1] and labels y (B,)."""
         self.check_inputs(x, t, y)
         return self.backbone(x, t, y)
 
-    def to_config(self) -> dict:
-        """The config.json of a released SiT, with the flags its original loader reads."""
-        out = super().to_config()
-        out.update(decoder_hidden_size=self.config.hidden_size, use_cfg=self.has_null_class, fused_attn=False)
-        return out
+    def config_entries(self) -> dict:
+        """The config.json entries of a released SiT, with the flags its original loader reads."""
+        return {**super().config_entries(), "decoder_hidden_size": self.config.hidden_size,
+                "use_cfg": self.has_null_class, "fused_attn": False}
 
 
 @dataclass
@@ -385,6 +368,16 @@ class DiTConfig(TransformerConfig):
 
     learn_sigma: bool = True
     noise_schedule: str | None = None  # the schedule it was trained on; None: cosine, as every released DiT
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.noise_schedule not in (None, "linear", "cosine"):
+            raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {self.noise_schedule!r}")
+
+    @property
+    def out_channels(self) -> int:
+        """Noise channels, and as many variance channels with learned sigma."""
+        return self.in_channels * (2 if self.learn_sigma else 1)
 
 
 class DiT(DiffusionTransformer):
@@ -400,11 +393,6 @@ class DiT(DiffusionTransformer):
     kind = "dit"
     config_class = DiTConfig
 
-    def __init__(self, config: DiTConfig):
-        if config.noise_schedule not in (None, "linear", "cosine"):
-            raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {config.noise_schedule!r}")
-        super().__init__(config, out_channels=config.in_channels * (2 if config.learn_sigma else 1))
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Noise and variance channels (B, N, D or 2D) at latents x (B, N, D), integer steps t (B,), labels y (B,)."""
         self.check_inputs(x, t, y)
@@ -413,21 +401,17 @@ class DiT(DiffusionTransformer):
         return self.backbone(x, t, y)
 
 
-# Sizes of the original SiT / DiT families (depth, hidden size, heads); all use patch 1 on 1-D latents.
-SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 _FAMILIES = {"SiT": SiT, "DiT": DiT}
-PRESET_NAMES = tuple(f"{family}-{size}/1" for family in _FAMILIES for size in SIZES)
-# Only XL models were released, one per tokenizer (REFERENCE.md); one hub id of each family for messages.
-RELEASED_EXAMPLES = {"SiT-XL/1": "MAETok/sit-xl_maetok-b-128", "DiT-XL/1": "SoftVQVAE/dit-xl_softvq-l-64"}
 
 
 def build_preset(name: str, *, input_size: int, in_channels: int, num_classes: int = 1000, **overrides):
-    """Build ``SiT-XL/1``, ``DiT-B/1`` ... (:data:`PRESET_NAMES`) for latents of ``input_size`` tokens x
-    ``in_channels``, with random weights, in train mode; ``overrides`` are further config fields."""
+    """Build ``SiT-XL/1``, ``DiT-B/1`` ... (``GENERATOR_PRESET_NAMES`` in :mod:`ctok.models.presets`) for
+    latents of ``input_size`` tokens x ``in_channels``, with random weights, in train mode; ``overrides`` are
+    further config fields."""
     family, _, size = name.partition("-")
-    if name not in PRESET_NAMES:
-        raise ValueError(f"unknown generator preset {name!r}; choose one of {list(PRESET_NAMES)}")
-    depth, hidden, heads = SIZES[size.partition("/")[0]]
+    if name not in GENERATOR_PRESET_NAMES:
+        raise ValueError(f"unknown generator preset {name!r}; choose one of {list(GENERATOR_PRESET_NAMES)}")
+    depth, hidden, heads = GENERATOR_SIZES[size.partition("/")[0]]
     cfg = dict(input_size=input_size, in_channels=in_channels, hidden_size=hidden, depth=depth,
                num_heads=heads, num_classes=num_classes)
     cfg.update(overrides)
@@ -436,7 +420,7 @@ def build_preset(name: str, *, input_size: int, in_channels: int, num_classes: i
 
 def _build_family(cls, name: str, input_size: int, in_channels: int, num_classes: int, overrides: dict):
     """:func:`build_preset`, refusing a preset of the other family."""
-    if name in PRESET_NAMES and not name.startswith(cls.__name__):
+    if name in GENERATOR_PRESET_NAMES and not name.startswith(cls.__name__):
         other = name.partition("-")[0]
         raise ValueError(f"{name!r} is a {other} preset; build_{cls.kind} builds {cls.__name__}s: "
                          f"use build_{other.lower()}({name!r}, ...)")

@@ -8,39 +8,41 @@ encoder with mask modelling (a share of patches replaced by a mask token) and a 
 The network only applies a mask it is given; which patches to mask is the trainer's choice.
 
 The configuration is the flat field list the released ``config.json`` files carry (see
-:class:`TokenizerConfig`); fields that only mattered to the original training script are kept
-for the round trip but change nothing here. :func:`build_tokenizer` builds a released family by
-its preset name (random weights); ``Tokenizer.from_pretrained`` loads a checkpoint.
+:class:`TokenizerConfig`); keys that only mattered to the original training script are kept for
+the round trip but change nothing here (the policy of :mod:`ctok.models.base`). Which of the two
+models a config describes is its ``variant``: "softvq" or "maetok". :func:`build_tokenizer` builds a
+released family by its preset name (random weights, :mod:`ctok.models.presets`);
+``Tokenizer.from_pretrained`` loads a checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from ctok.models.base import PretrainedModel
+from ctok.models.presets import TOKENIZER_FAMILIES, TOKENIZER_PRESET_NAMES
 from ctok.models.quantizers import SoftVectorQuantizer
 from ctok.models.vit import ViTDecoder, ViTEncoder, parse_vit_name
 from ctok.validation import check_image_range, check_model_input, check_tensor
 
-KINDS = ("softvq", "maetok")
+VARIANTS = ("softvq", "maetok")
 
 
 @dataclass
 class TokenizerConfig:
     """Fields of the released tokenizer config.json that define the computation.
 
-    ``tokenizer_kind`` ("softvq" or "maetok") has no default: the other defaults are SoftVQ's, and
-    a MAETok config that lost its kind would otherwise build a SoftVQ without a word.
+    ``variant`` ("softvq" or "maetok") has no default: the other defaults are SoftVQ's, and a
+    MAETok config that lost its variant would otherwise build a SoftVQ without a word.
     ``TokenizerConfig(**preset_config(name))`` builds the config of a preset.
     """
 
-    tokenizer_kind: str
+    variant: str
     image_size: int = 256
     base_image_size: int = 256
     encoder_model: str = "vit_base_patch14_dinov2.lvd142m"
@@ -69,49 +71,15 @@ class TokenizerConfig:
     # for models smaller than the DINOv2 family (tests, the CPU demo).
     encoder_size: list | None = None
     decoder_size: list | None = None
-    # Everything else the config.json held, written back unchanged by save_pretrained.
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.tokenizer_kind not in KINDS:
-            raise ValueError(f"tokenizer_kind must be one of {KINDS}, got {self.tokenizer_kind!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
 
 
 # Keys whose value must be the one ctok implements; anything else would compute another function.
 _REQUIRED = {"enc_type": "vit", "dec_type": "vit", "to_pixel": "linear",
              "enc_tuning_method": "full", "dec_tuning_method": "full"}
-
-
-def tokenizer_kind(config: dict) -> str:
-    """SoftVQ or MAETok, from a config dict.
-
-    An explicit ``tokenizer_kind`` wins (ctok writes it). Released configs carry none: MAETok's
-    config dataclass has the auxiliary-decoder fields (``aux_*``) and SoftVQ's has not.
-    """
-    kind = config.get("tokenizer_kind")
-    if kind is None:
-        kind = "maetok" if any(k.startswith("aux_") for k in config) else "softvq"
-    if kind not in KINDS:
-        raise ValueError(f"tokenizer_kind must be one of {KINDS}, got {kind!r}")
-    return kind
-
-
-def config_from_dict(config: dict) -> tuple[str, TokenizerConfig]:
-    """(kind, config) of a config.json dict; refuses settings ctok does not implement.
-
-    Keys that are not fields of :class:`TokenizerConfig` are kept in its ``extra``.
-    """
-    for key, value in _REQUIRED.items():
-        if key in config and config[key] != value:
-            raise ValueError(f"tokenizer config has {key}={config[key]!r}; ctok implements {key}={value!r} only")
-    if config.get("use_rope") and not config.get("rope_mixed"):
-        raise ValueError("use_rope without rope_mixed (axial RoPE) is not supported: "
-                         "the released models use RoPE-Mixed")
-    names = {f.name for f in dataclasses.fields(TokenizerConfig)} - {"extra"}
-    known = {k: v for k, v in config.items() if k in names}
-    known["tokenizer_kind"] = kind = tokenizer_kind(config)
-    extra = {k: v for k, v in config.items() if k not in names}
-    return kind, TokenizerConfig(**known, extra=extra)
 
 
 @dataclass
@@ -124,25 +92,26 @@ class TrainingOutput:
     codebook_usage: float  # SoftVQ: share of codes used recently (0 for MAETok)
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(PretrainedModel):
     """``tok.encode(x) -> z`` for images in [-1, 1], ``tok.decode(z) -> images``.
 
     Build one with :func:`build_tokenizer` (a preset, random weights), :meth:`from_config` (a
     config.json dict) or ``Tokenizer(TokenizerConfig(...))``; load one with :meth:`from_pretrained`
     (or ``ctok.load_tokenizer``), which returns it in eval mode. Its repr says which mode it is in.
+    Its ``kind`` is "tokenizer"; its ``variant`` says whether it is a SoftVQ-VAE or a MAETok.
     """
 
+    kind = "tokenizer"
+    config_class = TokenizerConfig
+    handled_keys = frozenset(_REQUIRED)
+
     def __init__(self, config: TokenizerConfig):
-        super().__init__()
-        if not isinstance(config, TokenizerConfig):
-            raise TypeError(f"config must be a TokenizerConfig (Tokenizer.from_config takes a dict), "
-                            f"got {type(config).__name__}")
+        super().__init__(config)
         c = config
         for name, size, patch in (("image_size", c.image_size, c.enc_patch_size),
                                   ("image_size", c.image_size, c.dec_patch_size)):
             if size % patch:
                 raise ValueError(f"{name} {size} is not divisible by the patch size {patch}")
-        self.config = config
         enc_size, enc_movq = parse_vit_name(c.encoder_model, c.encoder_size)
         dec_size, dec_movq = parse_vit_name(c.decoder_model, c.decoder_size)
         if enc_movq:
@@ -157,7 +126,7 @@ class Tokenizer(nn.Module):
         self.quantize = (
             SoftVectorQuantizer(c.codebook_size, c.codebook_embed_dim, c.num_codebooks, c.tau,
                                 c.codebook_l2_norm, c.entropy_loss_ratio)
-            if self.kind == "softvq" else None
+            if self.variant == "softvq" else None
         )
         self.post_quant_conv = nn.Linear(c.codebook_embed_dim, dec_size.width)
         # RoPE replaces the decoder's absolute positions; the encoder keeps both (see ViTEncoder).
@@ -170,9 +139,9 @@ class Tokenizer(nn.Module):
 
     # -- shapes --------------------------------------------------------------------------------
     @property
-    def kind(self) -> str:
-        """``"softvq"`` or ``"maetok"`` (the config's ``tokenizer_kind``)."""
-        return self.config.tokenizer_kind
+    def variant(self) -> str:
+        """``"softvq"`` or ``"maetok"`` (the config's ``variant``)."""
+        return self.config.variant
 
     @property
     def num_tokens(self) -> int:
@@ -195,9 +164,9 @@ class Tokenizer(nn.Module):
         return (self.config.image_size // self.config.enc_patch_size) ** 2
 
     def extra_repr(self) -> str:
-        """The first line of the repr: kind, shapes, and whether it is in train or eval mode."""
+        """The first line of the repr: variant, shapes, and whether it is in train or eval mode."""
         mode = "train" if self.training else "eval"
-        return (f"{self.kind}, {self.image_size} px images <-> {self.num_tokens} x {self.latent_dim} latents, "
+        return (f"{self.variant}, {self.image_size} px images <-> {self.num_tokens} x {self.latent_dim} latents, "
                 f"{mode} mode")
 
     # -- inference API -------------------------------------------------------------------------
@@ -277,103 +246,73 @@ class Tokenizer(nn.Module):
         """The decoder's final weight, whose gradients set the adaptive GAN weight."""
         return self.decoder.to_pixel.model.weight
 
-    # -- configuration and files ---------------------------------------------------------------
+    # -- configuration ---------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: dict) -> "Tokenizer":
-        """Build (random weights, train mode) from a config.json dict, released or ctok's."""
-        return cls(config_from_dict(config)[1])
+    def check_config(cls, config: dict) -> dict:
+        """Refuse settings ctok does not implement; returns the config with its ``variant`` set.
 
-    @classmethod
-    def from_pretrained(cls, src: str | Path, device: str | torch.device = "cpu") -> "Tokenizer":
-        """A checkpoint folder or hub id, loaded in eval mode: the same as ``ctok.load_tokenizer``."""
-        from ctok.hub import load_tokenizer  # the hub module imports this one
+        A config without ``variant`` is a released one: MAETok's config dataclass has the
+        auxiliary-decoder fields (``aux_*``) and SoftVQ's has not.
+        """
+        for key, value in _REQUIRED.items():
+            if key in config and config[key] != value:
+                raise ValueError(f"tokenizer config has {key}={config[key]!r}; ctok implements {key}={value!r} only")
+        if config.get("use_rope") and not config.get("rope_mixed"):
+            raise ValueError("use_rope without rope_mixed (axial RoPE) is not supported: "
+                             "the released models use RoPE-Mixed")
+        config = dict(config)
+        # ctok 0.1 wrote the variant as ``tokenizer_kind``; its checkpoints read as if they said ``variant``.
+        legacy = config.pop("tokenizer_kind", None)
+        if legacy is not None and config.setdefault("variant", legacy) != legacy:
+            raise ValueError(f"tokenizer config has variant={config['variant']!r} and tokenizer_kind={legacy!r} "
+                             "(the old name of variant): keep one")
+        if config.get("variant") is None:
+            config["variant"] = "maetok" if any(k.startswith("aux_") for k in config) else "softvq"
+        return config
 
-        return load_tokenizer(src, device)
-
-    def to_config(self) -> dict:
-        """The config.json written next to the weights: every field, ``extra`` included."""
-        out = dict(self.config.extra)
-        out.update({k: v for k, v in dataclasses.asdict(self.config).items()
-                    if k != "extra" and (v is not None or k not in ("encoder_size", "decoder_size"))})
-        out.update(_REQUIRED)
-        return dict(sorted(out.items()))
+    def config_entries(self) -> dict:
+        """Every field (the ViT size overrides only when set) and the settings ctok requires."""
+        fields = {k: v for k, v in dataclasses.asdict(self.config).items()
+                  if v is not None or k not in ("encoder_size", "decoder_size")}
+        return {**fields, **_REQUIRED}
 
     def identity(self) -> str:
         """A short fingerprint of config and weights, stored with everything made from this tokenizer."""
-        h = hashlib.sha256(json.dumps(self.to_config(), sort_keys=True).encode())
+        # Generators record the identity of the tokenizer they learned, so it must not move: the
+        # hash covers the config with the variant under the key ctok 0.1 wrote it as.
+        config = {("tokenizer_kind" if k == "variant" else k): v for k, v in self.to_config().items()}
+        h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
             if name.endswith("codebook_used"):  # a training statistic, not part of the function
                 continue
             h.update(name.encode())
             h.update(tensor.detach().float().cpu().numpy().tobytes())
-        return f"{self.kind}-{self.num_tokens}x{self.latent_dim}-{h.hexdigest()[:16]}"
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` to ``folder`` (see ``ctok.hub.save_pretrained``)."""
-        from ctok.hub import save_pretrained
-
-        return save_pretrained(self, folder)
-
-
-# Released model families. Values not given by REFERENCE.md (vq_mean / vq_std of most models) are
-# left at 0 / 1: the hub config of a released checkpoint always overrides a preset.
-_PRESETS: dict[str, dict[str, Any]] = {
-    "softvq-b-64": dict(encoder_model="vit_base_patch14_dinov2.lvd142m",
-                        decoder_model="vit_base_patch14_dinov2.lvd142m",
-                        num_latent_tokens=64, codebook_embed_dim=32),
-    "softvq-bl-64": dict(encoder_model="vit_base_patch14_dinov2.lvd142m",
-                         decoder_model="vit_large_patch14_dinov2.lvd142m",
-                         num_latent_tokens=64, codebook_embed_dim=32, vq_mean=-0.00077168207, vq_std=0.07157949),
-    "softvq-l-64": dict(encoder_model="vit_large_patch14_dinov2.lvd142m",
-                        decoder_model="vit_large_patch14_dinov2.lvd142m",
-                        num_latent_tokens=64, codebook_embed_dim=32),
-    "softvq-b-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m",
-                        decoder_model="vit_base_patch14_dinov2.lvd142m",
-                        num_latent_tokens=32, codebook_embed_dim=64),
-    "softvq-bl-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m",
-                         decoder_model="vit_large_patch14_dinov2.lvd142m",
-                         num_latent_tokens=32, codebook_embed_dim=64),
-    # The released softvq-l-32 config names a ViT-B encoder and a ViT-L decoder.
-    "softvq-l-32": dict(encoder_model="vit_base_patch14_dinov2.lvd142m",
-                        decoder_model="vit_large_patch14_dinov2.lvd142m",
-                        num_latent_tokens=32, codebook_embed_dim=64, vq_mean=0.00060894643, vq_std=0.029030401),
-    "maetok-b-128": dict(tokenizer_kind="maetok", encoder_model="vit_base_patch14_dinov2.lvd142m",
-                         decoder_model="vit_base_patch14_dinov2_movqv2", num_latent_tokens=128, codebook_embed_dim=32,
-                         use_ape=False, use_rope=True, rope_mixed=True, rope_theta=10.0, dec_cls_token=False,
-                         enc_token_drop=0.4, enc_token_drop_max=0.6, entropy_loss_ratio=0.0),
-}
-PRESET_NAMES = tuple(_PRESETS) + tuple(f"{name}-512" for name in _PRESETS)
-# The presets whose trained weights were released, by hub id (REFERENCE.md).
-RELEASED = {
-    "maetok-b-128": "MAETok/maetok-b-128",
-    "maetok-b-128-512": "MAETok/maetok-b-128-512",
-    **{name: f"SoftVQVAE/{name}" for name in ("softvq-b-32", "softvq-bl-32", "softvq-l-32", "softvq-b-64",
-                                                "softvq-bl-64", "softvq-l-64", "softvq-bl-64-512", "softvq-l-32-512")},
-}
+        return f"{self.variant}-{self.num_tokens}x{self.latent_dim}-{h.hexdigest()[:16]}"
 
 
 def preset_config(name: str, **overrides) -> dict:
     """Config dict of a released tokenizer family (``maetok-b-128``, ``softvq-l-64-512`` ...).
 
-    Its keys are fields of :class:`TokenizerConfig`, ``tokenizer_kind`` included, so
+    Its keys are fields of :class:`TokenizerConfig`, ``variant`` included, so
     ``TokenizerConfig(**preset_config(name))`` and ``Tokenizer.from_config(preset_config(name))``
     both build the preset.
     """
     base, size = (name[:-4], 512) if name.endswith("-512") else (name, 256)
-    if base not in _PRESETS:
-        raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {list(PRESET_NAMES)}")
-    config = {"image_size": size, "base_image_size": 256, "tokenizer_kind": "softvq"}
-    config.update(_PRESETS[base])
+    if base not in TOKENIZER_FAMILIES:
+        raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {list(TOKENIZER_PRESET_NAMES)}")
+    config = {"image_size": size, "base_image_size": 256, "variant": "softvq"}
+    config.update(TOKENIZER_FAMILIES[base])
     config.update(overrides)
     return config
 
 
 def build_tokenizer(name: str, **overrides) -> Tokenizer:
-    """A tokenizer of a released family by preset name (:data:`PRESET_NAMES`), with random weights,
-    in train mode: ``build_tokenizer("maetok-b-128", image_size=512)``.
+    """A tokenizer of a released family by preset name (``TOKENIZER_PRESET_NAMES`` in
+    :mod:`ctok.models.presets`), with random weights, in train mode:
+    ``build_tokenizer("maetok-b-128", image_size=512)``.
 
     ``overrides`` are config fields set over the preset's. For the trained weights load the hub id
-    instead (:data:`RELEASED`), e.g. ``ctok.load_tokenizer("MAETok/maetok-b-128")``.
+    instead (``RELEASED_TOKENIZERS``), e.g. ``ctok.load_tokenizer("MAETok/maetok-b-128")``.
     """
     return Tokenizer.from_config(preset_config(name, **overrides))
 

@@ -174,7 +174,7 @@ def check_generator(model: torch.nn.Module, kind: str) -> None:
         raise ValueError(f"sample_{kind} samples a {names[kind]}, but model is a {names[model.kind]}: "
                          f"use sample_{model.kind}")
     if isinstance(model, Tokenizer):
-        raise ValueError(f"model must be a {names[kind]}, got a {model.kind} tokenizer: sample latents with the "
+        raise ValueError(f"model must be a {names[kind]}, got a {model.variant} tokenizer: sample latents with the "
                          f"{names[kind]} trained on its latents and decode them with ctok.LatentPipeline")
     missing = [name for name in GENERATOR_ATTRIBUTES if not hasattr(model, name)]
     if missing:

@@ -34,8 +34,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ctok.data import open_images
-from ctok.hub import load_tokenizer
 from ctok.latent_cache import LatentCache
+from ctok.loading import load_tokenizer
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord, build_preset
 from ctok.sampling.flow import FlowPath, sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit

@@ -253,7 +253,7 @@ class Runner:
         metrics: dict[str, torch.Tensor] = {}
         for name in updated:
             member = self.members[name]
-            factor = lr_factor(step, kind=member.optim.schedule, warmup_steps=member.optim.warmup_steps,
+            factor = lr_factor(step, schedule=member.optim.schedule, warmup_steps=member.optim.warmup_steps,
                                total_steps=self.run.max_steps, min_ratio=member.optim.min_lr_ratio)
             for group in member.optimizer.param_groups:
                 group["lr"] = member.base_lr * factor

@@ -45,7 +45,7 @@ from ctok.losses.diffaugment import DiffAugment, Uniform
 from ctok.losses.perceptual import LPIPSLoss, perceptual_weight_at
 from ctok.models.auxiliary_decoders import AuxiliaryDecoders
 from ctok.models.teachers import FrozenViTFeatures, locate_all
-from ctok.models.tokenizer import Tokenizer, TrainingOutput, config_from_dict
+from ctok.models.tokenizer import Tokenizer, TrainingOutput
 from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
 from ctok.training.masking import MaskSchedule, random_patch_mask
@@ -263,8 +263,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         raise ValueError("set data.images to the training images: an image folder (ImageNet class sub-folders, "
                          "or flat) or a folder holding Fashion-MNIST's files")
     tok_config = tokenizer_config(cfg.model)
-    check_options(cfg, config_from_dict(tok_config)[1])
-    dataset = open_images(cfg.data.images, config_from_dict(tok_config)[1].image_size, crop=cfg.data.crop)
+    check_options(cfg, Tokenizer.split_config(tok_config)[0])
+    dataset = open_images(cfg.data.images, Tokenizer.split_config(tok_config)[0].image_size, crop=cfg.data.crop)
     found = {} if cfg.random_init_pretrained else locate_all(pretrained_requests(cfg))
 
     ctx = init_distributed(cfg.run.device)
@@ -293,7 +293,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         task = TokenizerTask(cfg, model, discriminator, lpips, teachers, masks, fixed)
         if ctx.is_main:
             trainable = sum(p.numel() for p in training_model.parameters() if p.requires_grad)
-            tqdm.write(f"{tokenizer.kind} tokenizer {c.num_latent_tokens} x {c.codebook_embed_dim} at "
+            tqdm.write(f"{tokenizer.variant} tokenizer {c.num_latent_tokens} x {c.codebook_embed_dim} at "
                        f"{c.image_size} px: {trainable:,} trainable parameters; {len(dataset):,} training images")
         runner.fit(task, dataset, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"

@@ -150,14 +150,14 @@ class TokenizerTrainConfig:
     random_init_pretrained: bool = False
 
 
-_TOKENIZER_KEYS = {f.name for f in dataclasses.fields(TokenizerConfig)} - {"extra"}
+_TOKENIZER_KEYS = {f.name for f in dataclasses.fields(TokenizerConfig)}
 
 
 def tokenizer_config(model: dict) -> dict:
     """The tokenizer config of the ``model:`` section: a preset, then explicit fields over it."""
     if not isinstance(model, dict):
         raise ValueError(f"config section 'model' must be a mapping, got {model!r}")
-    allowed = _TOKENIZER_KEYS | {"preset", "tokenizer_kind"}
+    allowed = _TOKENIZER_KEYS | {"preset"}
     unknown = sorted(set(model) - allowed)
     if unknown:
         raise ValueError(f"unknown config key(s) {[f'model.{k}' for k in unknown]}; valid keys of 'model': "

@@ -13,10 +13,11 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ctok.features.hog import hog_feature_dim
-from ctok.hub import load_weights, read_weights, resolve
+from ctok.hub import resolve
 from ctok.losses.alignment import alignment_projection
 from ctok.models.auxiliary_decoders import AuxiliaryDecoders
 from ctok.models.discriminators import DinoDiscriminator, PatchGANDiscriminator
+from ctok.models.files import load_weights, read_weights
 from ctok.models.teachers import (
     VGG16,
     FrozenViTFeatures,

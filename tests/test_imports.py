@@ -1,0 +1,87 @@
+"""No import cycles: every module of ctok imports alone, and the hub and the models import one way only."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SOURCE = REPO / "src" / "ctok"
+# Importing ctok.__main__ runs the command line; `python -m ctok` is tested with the commands.
+MODULES = sorted(
+    ".".join(("ctok", *path.relative_to(SOURCE).with_suffix("").parts)).removesuffix(".__init__")
+    for path in SOURCE.rglob("*.py") if path.name != "__main__.py"
+)
+
+# For each module: forget every ctok module imported so far, then import this one first. Third-party
+# packages (torch, timm ...) stay loaded, so this costs seconds, yet each ctok module runs from
+# scratch in the order its own imports ask for, which is what fails when two modules need each other.
+_IMPORT_EACH_FIRST = """
+import importlib, json, sys, traceback
+failures = {}
+for name in json.loads(sys.argv[1]):
+    for loaded in [m for m in sys.modules if m == "ctok" or m.startswith("ctok.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except BaseException:
+        failures[name] = traceback.format_exc(limit=-3)
+print(json.dumps(failures))
+"""
+
+
+def test_the_module_list_covers_the_package():
+    assert len(MODULES) > 60 and {"ctok", "ctok.hub", "ctok.loading", "ctok.models", "ctok.models.base"} <= set(MODULES)
+
+
+def test_every_module_imports_first_on_its_own():
+    # The source under test first on the path, whatever copy of ctok is installed.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SOURCE.parent)}
+    run = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST, json.dumps(MODULES)], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    failures = json.loads(run.stdout.splitlines()[-1])
+    assert not failures, "\n".join(f"import {name} alone fails:\n{err}" for name, err in failures.items())
+
+
+def _imports(module: str) -> set[str]:
+    """The ctok modules ``module`` imports anywhere in its source, function bodies included."""
+    path = SOURCE.joinpath(*module.split(".")[1:])
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            # ``from ctok.models import files`` imports the module ctok.models.files.
+            found.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
+                         for a in node.names)
+    return {name for name in found if name in MODULES}
+
+
+def _reachable(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for name in _imports(todo.pop()) - seen:
+            seen.add(name)
+            todo.append(name)
+    return seen
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith(("ctok.hub", "ctok.models", "ctok.loading"))])
+def test_no_cycle_through_the_hub_and_the_models_even_inside_functions(module):
+    """An import inside a function body hides a cycle from the interpreter, not from this test."""
+    assert module not in _reachable(module), f"{module} imports itself through {sorted(_reachable(module))}"
+
+
+def test_the_hub_sits_below_every_model():
+    # The hub resolves sources and keeps the kind registry; the model classes register themselves there.
+    assert _reachable("ctok.hub") <= {"ctok.models", "ctok.models.files", "ctok.models.presets", "ctok.atomic_files"}
+    above = {"ctok.loading", "ctok.pipeline"} | {m for m in MODULES if m.startswith(("ctok.commands", "ctok.training"))}
+    for module in (m for m in MODULES if m.startswith("ctok.models")):
+        assert not _imports(module) & above, f"{module} imports {sorted(_imports(module) & above)}"
