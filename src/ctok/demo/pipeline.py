@@ -172,8 +172,8 @@ class Demo:
 
     def latents(self) -> None:
         from ctok.data import open_images
-        from ctok.loading import load_tokenizer
         from ctok.latent_cache import INDEX_NAME, build_latent_cache
+        from ctok.loading import load_tokenizer
 
         say("Stage 4/8 latents: encoding the train split once (as ctok cache-latents)")
         self.latent_dir = self.out / "latents"
