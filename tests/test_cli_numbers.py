@@ -75,8 +75,10 @@ class Generators:
             self.loaded[name] = loader(self.folders[name])
         return self.loaded[name]
 
-    def expected(self, model: str, seed: int = 0, indices=(0, 1), **sampler_kwargs) -> np.ndarray:
-        """Images ``indices`` (one batch, default class-balanced labels) from sample_sit / sample_dit."""
+    def expected(self, model: str, seed: int = 0, indices=(0, 1), adm_truncation: bool = False,
+                 **sampler_kwargs) -> np.ndarray:
+        """Images ``indices`` (one batch, default class-balanced labels) from sample_sit / sample_dit,
+        quantised as DiT's sampling script does (or as ADM's, ``adm_truncation``)."""
         tokenizer = self.load(load_tokenizer, "maetok_small")
         sample, load = (sample_sit, load_sit) if model.startswith("sit") else (sample_dit, load_dit)
         network = self.load(load, model)
@@ -85,7 +87,8 @@ class Generators:
         with torch.no_grad():
             z = sample(network, noise, torch.tensor(indices), generator=gens, **{**SAMPLER_DEFAULTS, **sampler_kwargs})
             x = tokenizer.decode(tokenizer.denormalize(z))
-        return (255 * ((x.clamp(-1, 1) + 1) / 2)).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        pixels = ((x + 1) * 127.5).clamp(0, 255) if adm_truncation else torch.clamp(127.5 * x + 128.0, 0, 255)
+        return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +98,15 @@ def generators(conformance_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["sit_small", "dit_small"])
 def test_generate_defaults_are_the_library_defaults(generators, model):
-    """SiT: Euler-Maruyama guided on [0, 1]; DiT: DDPM on the cosine schedule; seed 0."""
+    """SiT: Euler-Maruyama guided on [0, 1]; DiT: DDPM on the cosine schedule; seed 0; DiT's rounding."""
     np.testing.assert_array_equal(generators.generate(model), generators.expected(model))
+
+
+def test_generate_quantises_the_adm_way_when_asked(generators):
+    adm = generators.generate("sit_small", "--quantisation", "truncate")
+    np.testing.assert_array_equal(adm, generators.expected("sit_small", adm_truncation=True))
+    assert (adm.astype(int) - generators.generate("sit_small")).min() >= -1  # at most one level darker
+    assert not np.array_equal(adm, generators.generate("sit_small"))
 
 
 @pytest.mark.parametrize("model, flags, sampler_kwargs", [
@@ -244,16 +254,16 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def test_reconstruct_lpips_compares_each_reconstruction_with_its_input(tokenizer_dir, tmp_path, monkeypatch):
-    """``--vgg-weights`` reaches the LPIPS loader, and the distance is between an input crop and its
-    reconstruction (an image against itself would give 0)."""
+    """``--lpips-net`` and ``--lpips-weights`` reach the LPIPS loader, the variant is on the protocol card,
+    and the distance is between an input crop and its reconstruction (an image against itself would give 0)."""
     requested = []
 
-    def load_lpips_vgg(vgg_weights=None, device="cpu"):
-        requested.append(vgg_weights)
+    def load_lpips(net="alex", weights=None, device="cpu"):
+        requested.append((net, weights))
         return PixelDistance()
 
     # ctok.metrics re-exports the function lpips under the module's name, hence the import by path.
-    monkeypatch.setattr(importlib.import_module("ctok.metrics.lpips"), "load_lpips_vgg", load_lpips_vgg)
+    monkeypatch.setattr(importlib.import_module("ctok.metrics.lpips"), "load_lpips", load_lpips)
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(3):
@@ -261,8 +271,8 @@ def test_reconstruct_lpips_compares_each_reconstruction_with_its_input(tokenizer
     out = tmp_path / "out"
     assert main(["reconstruct", "--tokenizer", str(tokenizer_dir), "--data", str(folder), "--out", str(out),
                  "--device", "cpu", "--num-workers", "0", "--feature-network", "test_evaluate:TinyFeatures",
-                 "--vgg-weights", str(tmp_path / "vgg16.pth")]) == 0
-    assert requested == [str(tmp_path / "vgg16.pth")]
+                 "--lpips-net", "vgg", "--lpips-weights", str(tmp_path / "vgg16.pth")]) == 0
+    assert requested == [("vgg", str(tmp_path / "vgg16.pth"))]
 
     inputs = torch.stack([pil_to_tensor(center_crop_adm(Image.open(p), 32)) for p in sorted(folder.iterdir())])
     reconstructions = torch.from_numpy(np.load(out / "reconstructions.npz")["arr_0"]).permute(0, 3, 1, 2)
@@ -271,6 +281,7 @@ def test_reconstruct_lpips_compares_each_reconstruction_with_its_input(tokenizer
     assert results["lpips"] == pytest.approx(float(expected), rel=1e-6)
     assert expected > 0.01
     assert results["unavailable"] == {}
+    assert results["protocol"]["lpips"] == "vgg" and results["protocol"]["num_samples"] == 3
 
 
 # -- latent caches: what a generator trains on ------------------------------------------------

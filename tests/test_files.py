@@ -10,7 +10,7 @@ from PIL import Image
 from ctok.atomic_files import file_sha256, save_image_grid, save_png, weights_sha256, write_json
 from ctok.data import FashionMNIST, ImageFolder, open_images
 from ctok.settings_check import changed_keys, check_same_settings
-from ctok.uint8 import to_uint8_round, to_uint8_truncate
+from ctok.uint8 import to_uint8, to_uint8_hwc
 
 
 def test_write_json_round_trips_and_leaves_no_temporary(tmp_path):
@@ -41,19 +41,22 @@ def test_hashes_of_a_file_and_of_a_weights_folder(tmp_path):
     assert weights_sha256(tmp_path) == hashlib.sha256(b"model.safetensors" + b"weights").hexdigest()
 
 
-def test_uint8_converters_differ_exactly_in_their_rounding():
-    # x = 2 * (k + 0.6) / 255 - 1 lies past half-way from level k to k + 1: truncation keeps k, rounding
-    # moves up. (Exact halves are left out: torch rounds them to even, and float32 rarely hits one.)
+def test_uint8_quantisations_are_dits_and_adms_expressions():
+    # x = 2 * (k + f) / 255 - 1 sits a fraction f past level k: ADM's truncation keeps k whatever f is;
+    # DiT's clamp(127.5 x + 128) goes up from f = 0.5 on (halves included: 127.5 x + 128 = k + f + 0.5).
     levels = torch.tensor([0.0, 10.0, 127.0, 254.0])
-    x = (2 * (levels + 0.6) / 255 - 1).view(1, 1, 2, 2).expand(1, 3, 2, 2)
-    truncated = to_uint8_truncate(x)
-    rounded = to_uint8_round(x)
-    assert truncated.shape == (1, 2, 2, 3) and truncated.dtype == np.uint8
-    assert rounded.shape == (1, 3, 2, 2) and rounded.dtype == torch.uint8
-    assert truncated[0, :, :, 0].ravel().tolist() == [0, 10, 127, 254]
-    assert rounded[0, 0].ravel().tolist() == [1, 11, 128, 255]
-    ends = torch.tensor([-2.0, 2.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2)
-    assert to_uint8_truncate(ends)[0, 0, :, 0].tolist() == to_uint8_round(ends)[0, 0, 0].tolist() == [0, 255]
+    for fraction, up in ((0.25, 0), (0.5, 1), (0.75, 1)):
+        x = (2 * (levels + fraction) / 255 - 1).double().view(1, 1, 2, 2).expand(1, 3, 2, 2)
+        assert to_uint8(x, "truncate")[0, 0].ravel().tolist() == [0, 10, 127, 254]
+        assert to_uint8(x)[0, 0].ravel().tolist() == [int(v) + up for v in levels]
+    x = torch.rand(2, 3, 5, 4, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2
+    for name, expected in (("round-half-up", torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)),
+                           ("truncate", ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8))):
+        assert torch.equal(to_uint8(x, name), expected)
+        hwc = to_uint8_hwc(x, name)
+        assert hwc.dtype == np.uint8 and hwc.shape == (2, 5, 4, 3) and np.array_equal(hwc, expected.permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match=r"quantisation must be one of \('round-half-up', 'truncate'\)"):
+        to_uint8(x, "round")
 
 
 def test_settings_guard_stamps_then_names_the_changed_keys(tmp_path):

@@ -39,14 +39,15 @@ def npz_images(out) -> np.ndarray:
 
 
 def expected_images(folder_tok, folder_model, load, sample, indices, seed, labels, **kwargs):
-    """The pixels of images ``indices`` (one batch), computed here from the public API."""
+    """The pixels of images ``indices`` (one batch), computed here from the public API and quantised as
+    DiT's sampling script does."""
     tok, model = load_tokenizer(folder_tok), load(folder_model)
     gens = [torch.Generator().manual_seed(derived_seed(seed, i)) for i in indices]
     noise = torch.stack([torch.randn(16, 8, generator=g) for g in gens])
     with torch.no_grad():
         z = sample(model, noise, torch.tensor(labels), generator=gens, **kwargs)
         x = tok.decode(tok.denormalize(z))
-    return (255 * ((x.clamp(-1, 1) + 1) / 2)).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def test_sit_run_writes_pngs_a_grid_and_the_npz_of_the_sampled_images(conformance_dir, tmp_path):
@@ -227,7 +228,7 @@ def test_a_ctok_trained_generator_decodes_with_its_recorded_normalisation(confor
     with torch.no_grad():
         z = sample_sit(sit, noise, labels, num_steps=2, solver="euler", generator=gens)
         x = tok.decode(z * 3.0 + 0.5)
-    expected = (255 * ((x.clamp(-1, 1) + 1) / 2)).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    expected = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(npz_images(out), expected)
 
 

@@ -297,7 +297,7 @@ def test_metric_networks_and_distances_run_without_tf32_and_restore_the_callers_
     import importlib
 
     from ctok.metrics.features import network_features
-    from ctok.metrics.numerics import float32_modes
+    from ctok.numerics import float32_modes
 
     precision_recall_module = importlib.import_module("ctok.metrics.precision_recall")  # the function shadows it
     seen = []
@@ -319,3 +319,15 @@ def test_metric_networks_and_distances_run_without_tf32_and_restore_the_callers_
     finally:
         torch.backends.cuda.matmul.fp32_precision = before["cuda.matmul"]
     assert len(seen) > 1 and all(set(modes.values()) == {"ieee"} for modes in seen)
+
+
+def test_generation_allows_tf32_on_cuda_only_and_restores_the_callers_settings():
+    from ctok.numerics import float32_modes, ieee_float32, tf32_on_cuda
+
+    with ieee_float32():  # a caller that had everything in IEEE float32
+        with tf32_on_cuda(torch.device("cpu")):
+            assert set(float32_modes().values()) == {"ieee"}
+        with tf32_on_cuda(torch.device("cuda")):
+            inside = float32_modes()
+        assert set(float32_modes().values()) == {"ieee"}
+    assert inside == {"cuda.matmul": "tf32", "cudnn.conv": "tf32", "mkldnn.matmul": "ieee", "mkldnn.conv": "ieee"}

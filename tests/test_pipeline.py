@@ -15,9 +15,10 @@ from ctok.cli import main
 from ctok.loading import load_dit, load_sit, load_tokenizer
 from ctok.metrics.sample_npz import NpzImages
 from ctok.models.diffusion_transformer import LatentStats, TokenizerRecord
-from ctok.pipeline import LatentPipeline, load_pipeline, to_uint8
+from ctok.pipeline import LatentPipeline, load_pipeline
 from ctok.sampling import sample_sit
 from ctok.sampling.noise import image_generators
+from ctok.uint8 import to_uint8_hwc
 
 # Non-unit statistics, so that decoding with the tokenizer's (0, 1) instead would show.
 STATS = LatentStats(0.5, 1.5, "test")
@@ -88,7 +89,7 @@ def test_generate_is_the_sampler_then_the_recorded_denormalisation(trained, toke
     floats = pipe.generate([3, 9], num_steps=2, solver="euler", seed=4, output="float")
     assert floats.dtype == torch.float32 and floats.shape == (2, 3, 64, 64) and not floats.requires_grad
     assert torch.equal(floats, pixels)
-    assert np.array_equal(pipe.generate([3, 9], num_steps=2, solver="euler", seed=4), to_uint8(pixels))
+    assert np.array_equal(pipe.generate([3, 9], num_steps=2, solver="euler", seed=4), to_uint8_hwc(pixels))
 
 
 # -- (b) encode / decode in the generator's normalised space ----------------------------------

@@ -73,3 +73,40 @@ def test_fewer_than_50k_samples_against_imagenet_get_a_one_line_warning():
     assert message and "\n" not in message and "50,000" in message and "10000 samples" in message
     assert few_samples_warning(50_000, "VIRTUAL_imagenet256_labeled.npz") is None
     assert few_samples_warning(100, "fashion-mnist-test.npz") is None
+
+
+def test_generate_json_carries_the_protocol_card_and_a_resume_ignores_the_environment(conformance_dir, tmp_path):
+    out = tmp_path / "run"
+    command = ["generate", "--tokenizer", str(conformance_dir / "maetok_small"), "--model",
+               str(conformance_dir / "sit_small"), "--out", str(out), "--device", "cpu", "--num-images", "3",
+               "--steps", "5", "--solver", "heun", "--cfg-scale", "2", "--guidance-interval", "0", "0.5",
+               "--seed", "4"]
+    assert main(command) == 0
+    settings = json.loads((out / "generate.json").read_text())
+    card = settings["protocol"]
+    # Heun over 5 steps from t = 1.0, 0.8, 0.6, 0.4, 0.2: two forwards a step, one on the last; the steps
+    # starting inside [0, 0.5] are guided and count twice: 2 + 2 + 2 + 2 x 2 + 1 x 2 = 12.
+    assert card["sampler"] == {"model": "sit", "num_steps": 5, "solver": "heun", "cfg_scale": 2.0,
+                               "guidance_interval": [0.0, 0.5], "path_type": "linear", "nfe_per_sample": 12}
+    assert (card["num_samples"], card["seed"], card["quantisation"]) == (3, 4, "round-half-up")
+    assert card["label_scheme"].startswith("class-balanced") and card["ctok_version"]
+    # A resumed run on another machine has another card; the settings are what must match.
+    settings["protocol"]["device"] = "cuda:0 (elsewhere)"
+    (out / "generate.json").write_text(json.dumps(settings))
+    assert main(command) == 0
+    assert main([*command[:-2], "--seed", "5"]) == 2  # a real change is still refused
+
+
+def test_evaluate_json_carries_the_protocol_card(tmp_path):
+    from test_evaluate import smooth_images as small_images
+
+    np.savez(tmp_path / "s.npz", arr_0=small_images(12, 32, seed=1))
+    np.savez(tmp_path / "r.npz", arr_0=small_images(14, 32, seed=2))
+    assert main(["evaluate", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "r.npz"),
+                 "--feature-network", "test_evaluate:TinyFeatures", "--device", "cpu", "--pr-float32"]) == 0
+    results = json.loads((tmp_path / "s.eval.json").read_text())
+    card = results["protocol"]
+    assert (card["feature_network"], card["num_samples"], card["num_reference"]) == ("tiny-test-features-v1", 12, 14)
+    assert card["precision_recall"] == "float32, k=3" and card["device"].startswith("cpu")
+    assert set(card["float32_modes"]) == {"cuda.matmul", "cudnn.conv", "mkldnn.matmul", "mkldnn.conv"}
+    assert results["warnings"] == []  # not an ImageNet reference

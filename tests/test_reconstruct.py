@@ -94,7 +94,11 @@ def test_reconstruct_writes_reconstructions_metrics_and_grid(tokenizer_dir, imag
     features = [network(torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1)["pool"].detach()
                 for a in (crops, reconstructions)]
     assert results["rfid"] == pytest.approx(fid(*features), rel=1e-5)
-    assert results["lpips"] is None and "vgg16-397923af.pth" in results["unavailable"]["lpips"]
+    assert results["lpips"] is None and "alexnet-owt-7be5be79.pth" in results["unavailable"]["lpips"]
+    card = results["protocol"]
+    assert (card["lpips"], card["ssim"], card["quantisation"], card["num_samples"]) == (
+        "alex", "standard", "round-half-up", results["num_images"])
+    assert card["feature_network"] == results["feature_network"]["identity"] and card["sampler"] is None
     assert results["tokenizer"]["identity"] == load_tokenizer(tokenizer_dir).identity()
     assert results["feature_network"]["identity"] == "tiny-test-features-v1"
 

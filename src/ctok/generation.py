@@ -13,7 +13,7 @@ draw of the sampler come from its own generator, seeded with :func:`ctok.samplin
 process (a CPU matmul's rounding can depend on the batch size). So the same call gives the same
 images on 1 or 8 processes. Under torchrun the unfinished batches are dealt out round-robin; a run
 that was killed skips the batches whose images all exist (each PNG is written atomically, so an
-existing one is complete). Pixels are quantised by :func:`ctok.uint8.to_uint8_truncate`.
+existing one is complete). Pixels are quantised by :func:`ctok.uint8.to_uint8`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +30,13 @@ from tqdm.auto import tqdm
 
 from ctok.atomic_files import save_image_grid, save_png, weights_sha256
 from ctok.metrics.sample_npz import write_npz_images
+from ctok.numerics import tf32_on_cuda
 from ctok.pipeline import LatentPipeline
+from ctok.protocol import CLASS_BALANCED, ProtocolCard
 from ctok.sampling.noise import image_generators
 from ctok.settings_check import check_same_settings
 from ctok.training.distributed import DistContext, barrier
+from ctok.uint8 import DEFAULT_QUANTISATION, check_quantisation
 
 SETTINGS_NAME = "generate.json"
 SAMPLES_NAME = "samples.npz"
@@ -47,11 +49,13 @@ def generate_to_folder(pipe: LatentPipeline, out: str | os.PathLike, *, num_imag
                        batch_size: int = 64, labels: Sequence[int] | None = None, seed: int = 0,
                        num_steps: int = 250, solver: str | None = None, cfg_scale: float = 1.0,
                        guidance_interval: tuple[float, float] | None = None, noise_schedule: str | None = None,
-                       ctx: DistContext | None = None) -> Path | None:
+                       quantisation: str = DEFAULT_QUANTISATION, ctx: DistContext | None = None) -> Path | None:
     """Draw ``num_images`` images with ``pipe`` into ``out`` (see the module docstring for the files).
 
     ``labels``: class ids repeated over the images (default: class-balanced, image i gets class
-    i mod num_classes). The sampler settings are :meth:`LatentPipeline.sampler_arguments`'. ``ctx``:
+    i mod num_classes). The sampler settings are :meth:`LatentPipeline.sampler_arguments`';
+    ``quantisation`` is :func:`ctok.uint8.to_uint8`'s. generate.json carries the protocol card of the
+    run that made the folder (not compared when a rerun resumes). ``ctx``:
     this process's place under torchrun (its device must be the pipeline's); None is a single process.
     A rerun in ``out`` resumes, and is refused (ValueError naming the changed settings) when its
     settings differ. On CUDA, TF32 matmuls are allowed while it runs, as in the released samplers.
@@ -71,17 +75,26 @@ def generate_to_folder(pipe: LatentPipeline, out: str | os.PathLike, *, num_imag
                     noise_schedule=noise_schedule)
     label_of = image_labels(labels, pipe.generator)
     out = Path(out)
+    check_quantisation(quantisation)
     settings = _run_settings(pipe, num_images=num_images, batch_size=batch_size, seed=seed, labels=labels,
                             sampler=pipe.sampler_arguments(**sampling))
+    settings["quantisation"] = quantisation
+    settings["protocol"] = ProtocolCard.here(
+        ctx.device, num_samples=num_images, seed=seed, sampler=pipe.sampler_card(**sampling),
+        label_scheme=CLASS_BALANCED if labels is None else f"fixed list {settings['labels']}, repeated",
+        quantisation=quantisation, dtype=str(next(pipe.generator.parameters()).dtype).removeprefix("torch."),
+    ).to_dict()
+    settings = json.loads(json.dumps(settings))  # what a resumed run reads back compares equal
     # Every process checks; only the first writes the stamp, which a rerun compares against.
-    check_same_settings(out / SETTINGS_NAME, settings, f"{out} holds images made", write=ctx.is_main)
+    check_same_settings(out / SETTINGS_NAME, settings, f"{out} holds images made", write=ctx.is_main,
+                        ignore=("protocol",))
     todo = _unfinished_batches(out / IMAGES_DIR, num_images, batch_size, ctx)
-    with _tf32_on_cuda(ctx.device):
+    with tf32_on_cuda(ctx.device):
         mine = todo[ctx.rank::ctx.world_size]
         bar = tqdm(total=sum(len(b) for b in mine), unit="img", desc="generating", disable=not ctx.is_main)
         for batch in mine:
             images = pipe.generate([label_of(i) for i in batch], generators=image_generators(seed, batch, ctx.device),
-                                   **sampling)
+                                   quantisation=quantisation, **sampling)
             for i, image in zip(batch, images):
                 save_png(image_path(out / IMAGES_DIR, i), image)
             bar.update(len(batch))
@@ -159,18 +172,6 @@ def _unfinished_batches(images_dir: Path, num_images: int, batch_size: int, ctx:
     # Every process must have seen the same finished images before any writes a new one.
     barrier()
     return todo
-
-
-@contextmanager
-def _tf32_on_cuda(device: torch.device):
-    """Allow TF32 matmuls and convolutions on CUDA for the duration, then restore the caller's settings."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _state_sha256(model: torch.nn.Module) -> str:

@@ -24,12 +24,13 @@ from ctok.loading import load_dit, load_sit, load_tokenizer
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT
 from ctok.models.files import read_config
 from ctok.models.tokenizer import Tokenizer
+from ctok.sampling import flow, gaussian_diffusion
 from ctok.sampling.flow import SOLVERS as SIT_SOLVERS
 from ctok.sampling.flow import sample_sit
 from ctok.sampling.gaussian_diffusion import SOLVERS as DIT_SOLVERS
 from ctok.sampling.gaussian_diffusion import sample_dit
 from ctok.sampling.noise import image_generators
-from ctok.uint8 import to_uint8_truncate as to_uint8
+from ctok.uint8 import DEFAULT_QUANTISATION, check_quantisation, to_uint8_hwc
 
 OUTPUTS = ("uint8", "float")
 
@@ -139,10 +140,23 @@ class LatentPipeline:
         schedule = noise_schedule or self.generator.config.noise_schedule or "cosine"
         return dict(num_steps=num_steps, solver=solver, noise_schedule=schedule, cfg_scale=cfg_scale)
 
+    def sampler_card(self, **settings) -> dict:
+        """The protocol card's ``sampler`` entry for :meth:`sampler_arguments` ``(**settings)``: the model
+        kind, every argument, the model evaluations per sample (NFE, a guided step counting two) and,
+        for a SiT, its flow path."""
+        arguments = self.sampler_arguments(**settings)
+        if self.kind == "sit":
+            nfe = flow.function_evaluations(arguments["solver"], arguments["num_steps"], arguments["cfg_scale"],
+                                            arguments["guidance_interval"])
+            return {"model": "sit", **arguments, "path_type": self.generator.config.path_type, "nfe_per_sample": nfe}
+        nfe = gaussian_diffusion.function_evaluations(arguments["num_steps"], arguments["cfg_scale"])
+        return {"model": "dit", **arguments, "nfe_per_sample": nfe}
+
     def generate(self, labels: Sequence[int] | torch.Tensor, *, num_steps: int = 250, solver: str | None = None,
                  cfg_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,
                  noise_schedule: str | None = None, seed: int | None = None,
-                 generators: Sequence[torch.Generator] | None = None, output: str = "uint8"):
+                 generators: Sequence[torch.Generator] | None = None, output: str = "uint8",
+                 quantisation: str = DEFAULT_QUANTISATION):
         """One image per class id in ``labels``, drawn in one batch.
 
         Image j draws its starting noise and every later random number from its own generator:
@@ -157,12 +171,15 @@ class LatentPipeline:
         ``generator.num_classes`` samples unconditionally.
 
         Returns:
-            ``output="uint8"``: a NumPy uint8 array (N, H, W, 3), quantised by :func:`to_uint8`, the
-            pixels ``ctok generate`` writes. ``output="float"``: a float32 tensor (N, 3, H, W) on the
+            ``output="uint8"``: a NumPy uint8 array (N, H, W, 3), quantised by
+            :func:`ctok.uint8.to_uint8` with ``quantisation`` (round half up by default, as DiT's and
+            SiT's scripts; "truncate" as ADM's), the pixels ``ctok generate`` writes.
+            ``output="float"``: a float32 tensor (N, 3, H, W) on the
             pipeline's device, the decoder's output in about [-1, 1], not clamped.
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        check_quantisation(quantisation)
         arguments = self.sampler_arguments(num_steps=num_steps, solver=solver, cfg_scale=cfg_scale,
                                            guidance_interval=guidance_interval, noise_schedule=noise_schedule)
         y = torch.as_tensor(labels, device=self.device)
@@ -183,7 +200,7 @@ class LatentPipeline:
         sample = sample_sit if self.kind == "sit" else sample_dit
         with self._inference():
             images = self.decode(sample(model, noise, y, generator=generators, **arguments))
-        return to_uint8(images) if output == "uint8" else images
+        return to_uint8_hwc(images, quantisation) if output == "uint8" else images
 
 
 def load_pipeline(tokenizer: str | os.PathLike, generator: str | os.PathLike, *,

@@ -52,7 +52,7 @@ class ProtocolCard:
     def here(cls, device: str | torch.device = "cpu", **fields) -> "ProtocolCard":
         """A card for a result computed now on ``device``, with ``fields`` set and the environment filled in."""
         from ctok import __version__
-        from ctok.metrics.numerics import float32_modes
+        from ctok.numerics import float32_modes
 
         return cls(device=device_name(device), float32_modes=float32_modes(), ctok_version=__version__, **fields)
 

@@ -24,18 +24,20 @@ def describe_changes(previous: dict, current: dict, keys: list[str]) -> str:
     return ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in keys)
 
 
-def check_same_settings(path: str | Path, settings: dict, what: str, *, write: bool = True) -> None:
+def check_same_settings(path: str | Path, settings: dict, what: str, *, write: bool = True,
+                        ignore: Collection[str] = ()) -> None:
     """Compare ``settings`` with the stamp at ``path``; write the stamp when there is none yet.
 
     Raises ValueError ``"<what> with other settings (key: old -> new, ...)"`` naming every changed
     key. ``settings`` must survive a round trip through JSON unchanged (plain types, lists not
     tuples), or it would never compare equal to the stamp a rerun reads back. ``write=False`` only
-    checks (the processes of a distributed run other than the first).
+    checks (the processes of a distributed run other than the first). Keys in ``ignore`` are stored
+    but not compared (a record of the first run, such as its protocol card).
     """
     path = Path(path)
     if path.is_file():
         previous = json.loads(path.read_text())
-        changed = changed_keys(previous, settings)
+        changed = changed_keys(previous, settings, ignore)
         if changed:
             raise ValueError(f"{what} with other settings ({describe_changes(previous, settings, changed)}); "
                              "pass a new --out, or delete that folder to start over")

@@ -1,27 +1,40 @@
-"""Quantising images in [-1, 1] to uint8: the one home of both roundings ctok uses.
+"""Quantising images in [-1, 1] to uint8: the one home of the conversions ctok uses.
 
-The rounding is in each function's name because the two are not interchangeable:
+Which rounding a result used is part of its protocol (``quantisation`` on every protocol card),
+because the baselines differ and FID moves by a few hundredths between them (REFERENCE.md):
 
-* :func:`to_uint8_truncate` is what the original samplers did before their FID-50k (clamp, then
-  truncate 255 * (x + 1) / 2); generated samples must use it, since rounding to nearest would be
-  half a level brighter on average and shift FID;
-* :func:`to_uint8_round` rounds to the nearest level, as an image file stores a float image; the
-  reconstruction metrics (PSNR, SSIM) and training sample grids use it.
+* ``"round-half-up"`` (the default): ``clamp(127.5 x + 128, 0, 255)`` then truncation, i.e. the
+  nearest level with halves going up; DiT's, SiT's and LlamaGen's sampling scripts write this;
+* ``"truncate"``: ``clamp((x + 1) * 127.5, 0, 255)`` then truncation; ADM's sampling script writes
+  this, about half a level darker on average.
+
+Generated samples, reconstructions, the demo, training sample grids and the Inception network's
+requantisation of float inputs all go through :func:`to_uint8`.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-
-def to_uint8_truncate(images: torch.Tensor) -> np.ndarray:
-    """Images (B, 3, H, W) in [-1, 1] -> uint8 NumPy (B, H, W, 3), truncated as PNG files and ADM's
-    samples.npz hold them.
-    """
-    pixels = (255.0 * ((images.float().clamp(-1, 1) + 1) / 2)).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+QUANTISATIONS = ("round-half-up", "truncate")
+DEFAULT_QUANTISATION = "round-half-up"
 
 
-def to_uint8_round(images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] -> uint8 tensor (B, 3, H, W) on the same device, rounded to the nearest level."""
-    return ((images.float() + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+def check_quantisation(quantisation: str) -> str:
+    """``quantisation`` if it is one of :data:`QUANTISATIONS`, else a ValueError naming them."""
+    if quantisation not in QUANTISATIONS:
+        raise ValueError(f"quantisation must be one of {QUANTISATIONS}, got {quantisation!r}")
+    return quantisation
+
+
+def to_uint8(images: torch.Tensor, quantisation: str = DEFAULT_QUANTISATION) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> a uint8 tensor of the same shape on the same device."""
+    check_quantisation(quantisation)
+    x = images.float()
+    levels = 127.5 * x + 128.0 if quantisation == "round-half-up" else (x + 1.0) * 127.5
+    return levels.clamp_(0, 255).to(torch.uint8)
+
+
+def to_uint8_hwc(images: torch.Tensor, quantisation: str = DEFAULT_QUANTISATION) -> np.ndarray:
+    """:func:`to_uint8` as a NumPy array (B, H, W, 3) on the CPU, as PNG files and samples.npz hold images."""
+    return to_uint8(images, quantisation).permute(0, 2, 3, 1).cpu().numpy()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = "FID, sFID, IS, precision and recall of samples (.npz or folder) against a reference (ADM evaluator)"
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (ADM: 3)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--num-workers", type=int, default=4, help="image decoding workers for folders")
+    parser.add_argument("--pr-float32", action="store_true",
+                        help="precision/recall distances in float32 instead of ADM's float16 arithmetic")
     parser.add_argument("--no-cache", action="store_true",
                         help="neither read nor write the reference's cached statistics")
 
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     network = load_feature_network(args.feature_network, args.inception_weights, device)
     results = evaluate(args.samples, args.ref, network, batch_size=args.batch_size, device=device, k=args.k,
-                       image_size=args.image_size, use_cache=not args.no_cache, num_workers=args.num_workers)
+                       image_size=args.image_size, use_cache=not args.no_cache, num_workers=args.num_workers,
+                       adm_fp16=not args.pr_float32)
     samples = Path(args.samples)
     out = Path(args.out) if args.out else samples.with_name(samples.name.removesuffix(".npz") + ".eval.json")
     write_json(out, results)
@@ -60,5 +64,7 @@ def run(args: argparse.Namespace) -> int:
                                    "precision": "Precision", "recall": "Recall"}))
     print(f"{'images':>16}: {results['num_samples']} samples, {results['num_reference']} reference")
     print(f"{'feature network':>16}: {results['feature_network']['identity']}")
+    for warning in results["warnings"]:
+        print(warning, file=sys.stderr)
     print(f"results written to {out}")
     return 0

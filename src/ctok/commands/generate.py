@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-schedule", choices=("cosine", "linear"),
                         help="DiT only: the schedule it was trained with (default cosine, as the released DiT)")
     parser.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
+    parser.add_argument("--quantisation", choices=("round-half-up", "truncate"), default="round-half-up",
+                        help="uint8 conversion: round-half-up, clamp(127.5 x + 128) as DiT/SiT/LlamaGen (default), "
+                             "or truncate as ADM's sampler")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         samples = generate_to_folder(pipe, args.out, num_images=args.num_images, batch_size=args.batch_size,
                                      labels=labels, seed=args.seed, num_steps=args.steps, solver=args.solver,
                                      cfg_scale=args.cfg_scale, guidance_interval=args.guidance_interval,
-                                     noise_schedule=args.noise_schedule, ctx=ctx)
+                                     noise_schedule=args.noise_schedule, quantisation=args.quantisation, ctx=ctx)
     finally:
         shutdown_distributed()
     if samples is not None:  # the first process: it wrote the files

@@ -24,8 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="Inception weight file for rFID (default: $CTOK_INCEPTION_WEIGHTS, then torch's hub "
                               "cache); 'random' for a random network whose rFID means nothing (tests)")
     network.add_argument("--feature-network", metavar="MODULE:FACTORY", help="another feature network for rFID")
-    parser.add_argument("--vgg-weights", help="torchvision's vgg16-397923af.pth for LPIPS (default: "
-                                              "$CTOK_VGG16_WEIGHTS, then torch's hub cache)")
+    parser.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex",
+                        help="LPIPS trunk: alex (the field's tables; default) or vgg (ctok's training loss)")
+    parser.add_argument("--lpips-weights", help="the trunk's torchvision weight file, alexnet-owt-7be5be79.pth or "
+                                                "vgg16-397923af.pth (default: $CTOK_ALEXNET_WEIGHTS / "
+                                                "$CTOK_VGG16_WEIGHTS, then torch's hub cache)")
+    parser.add_argument("--ssim", choices=("standard", "llamagen"), default="standard",
+                        help="SSIM convention: standard, or llamagen (data_range 2 on [0, 1] images, as those tables)")
+    parser.add_argument("--quantisation", choices=("round-half-up", "truncate"), default="round-half-up",
+                        help="uint8 conversion of crops and reconstructions (see ctok.uint8)")
     parser.add_argument("--grid-images", type=int, default=8, help="image pairs in the comparison grid")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
@@ -52,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
                              f"{tokenizer.image_size}; it encodes only images of its own size")
         network = load_feature_network(args.feature_network, args.inception_weights, ctx.device)
         results = reconstruct_folder(tokenizer, args.data, args.out, feature_network=network,
-                                     vgg_weights=args.vgg_weights, limit=args.limit, batch_size=args.batch_size,
+                                     lpips_net=args.lpips_net, lpips_weights=args.lpips_weights,
+                                     ssim_convention=args.ssim, quantisation=args.quantisation,
+                                     limit=args.limit, batch_size=args.batch_size,
                                      num_workers=args.num_workers, grid_images=args.grid_images,
                                      tokenizer_source=str(args.tokenizer), ctx=ctx)
     finally:

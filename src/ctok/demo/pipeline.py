@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ctok.atomic_files import save_png, write_json
 from ctok.settings_check import check_same_settings
-from ctok.uint8 import to_uint8_truncate
+from ctok.uint8 import DEFAULT_QUANTISATION, to_uint8_hwc
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,10 @@ class Demo:
     def record(self, **values) -> None:
         self.metrics.update(values)
         write_json(self.metrics_path, self.metrics)
+
+    def record_protocol(self, metric: str, card: dict) -> None:
+        """Keep the protocol card ``metric`` was computed under, in metrics.json's ``protocol`` entry."""
+        self.record(protocol={**self.metrics.get("protocol", {}), metric: card})
 
     def check_settings(self) -> None:
         """A rerun in the same folder continues only with the settings it started with."""
@@ -136,7 +140,7 @@ class Demo:
         for batch in tqdm(originals.batches(250), total=-(-len(originals) // 250), desc="reconstruct"):
             x = _nchw(batch)
             with torch.no_grad():
-                rec = to_uint8_truncate(tok.decode(tok.encode(x.float() / 127.5 - 1)))
+                rec = to_uint8_hwc(tok.decode(tok.encode(x.float() / 127.5 - 1)))
             recs.append(rec)
             # On the uint8 images, as the reconstructions are saved and as peers report them.
             psnrs.append(psnr(_nchw(rec), x).numpy())
@@ -145,7 +149,9 @@ class Demo:
         rec_path.parent.mkdir(parents=True, exist_ok=True)
         write_npz_images(rec_path, recs, sum(len(r) for r in recs))
         _save_pairs(next(originals.batches(12)), recs[0][:12], self.out / "reconstructions.png")
-        rfid = evaluate(rec_path, self.reference, self.classifier, progress=False, num_workers=0)["fid"]
+        result = evaluate(rec_path, self.reference, self.classifier, progress=False, num_workers=0)
+        rfid = result["fid"]
+        self.record_protocol("rfid", {**result["protocol"], "quantisation": DEFAULT_QUANTISATION, "ssim": "standard"})
         self.record(test_psnr_db=float(np.concatenate(psnrs).mean()), test_ssim=float(np.concatenate(ssims).mean()),
                     rfid=rfid)
         tqdm.write(f"   PSNR {self.metrics['test_psnr_db']:.2f} dB, SSIM {self.metrics['test_ssim']:.3f}, "
@@ -164,11 +170,13 @@ class Demo:
         pipe = load_pipeline(self.tokenizer_dir, self.generator_dir)
         g = torch.Generator().manual_seed(self.settings.seed)
         z = torch.randn(self.settings.num_images, pipe.tokenizer.num_tokens, pipe.tokenizer.latent_dim, generator=g)
-        images = to_uint8_truncate(pipe.decode(z))
+        images = to_uint8_hwc(pipe.decode(z))
         path = self.out / "reconstruct" / "random_latents.npz"
         write_npz_images(path, [images], len(images))
-        self.record(random_latent_fid=evaluate(path, self.reference, self.classifier, progress=False,
-                                               num_workers=0)["fid"])
+        result = evaluate(path, self.reference, self.classifier, progress=False, num_workers=0)
+        self.record_protocol("random_latent_fid", {**result["protocol"], "quantisation": DEFAULT_QUANTISATION,
+                                                   "seed": self.settings.seed})
+        self.record(random_latent_fid=result["fid"])
 
     def latents(self) -> None:
         from ctok.data import open_images
@@ -211,7 +219,12 @@ class Demo:
         self.random_latent_fid()
         for name, suffix in (("samples", ""), ("samples_no_guidance", "_no_guidance")):
             npz = self.out / name / "samples.npz"
-            fid = evaluate(npz, self.reference, self.classifier, progress=False, num_workers=0)["fid"]
+            result = evaluate(npz, self.reference, self.classifier, progress=False, num_workers=0)
+            fid = result["fid"]
+            # The evaluation's card, completed with how the samples were drawn (generate.json's card).
+            drawn = json.loads((self.out / name / "generate.json").read_text())["protocol"]
+            self.record_protocol(f"gfid{suffix}", {**result["protocol"], **{
+                k: drawn[k] for k in ("sampler", "label_scheme", "quantisation", "seed")}})
             images = NpzImages(npz)
             predicted = []
             for batch in images.batches(500):

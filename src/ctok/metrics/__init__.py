@@ -14,13 +14,13 @@ from ctok.metrics.frechet import fid, frechet_distance, gaussian_statistics, sfi
 from ctok.metrics.image_quality import psnr, ssim
 from ctok.metrics.inception import InceptionV3Features, load_inception
 from ctok.metrics.inception_score import inception_score
-from ctok.metrics.lpips import load_lpips, load_lpips_vgg, lpips
+from ctok.metrics.lpips import load_lpips, lpips
 from ctok.metrics.precision_recall import precision_recall
 from ctok.metrics.reference import reference_statistics
 from ctok.metrics.tf_resize import resize_bilinear_tf
 
 __all__ = [
     "InceptionV3Features", "evaluate", "extract_features", "fid", "frechet_distance", "gaussian_statistics",
-    "inception_score", "load_inception", "load_lpips", "load_lpips_vgg", "lpips", "precision_recall", "psnr",
+    "inception_score", "load_inception", "load_lpips", "lpips", "precision_recall", "psnr",
     "reference_statistics", "resize_bilinear_tf", "sfid", "ssim",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ctok.metrics.numerics import ieee_float32
+from ctok.numerics import ieee_float32
 
 FEATURE_KEYS = ("pool", "spatial", "logits")
 
@@ -56,7 +56,7 @@ def to_network_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def network_features(network: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The network's outputs for images in [-1, 1], each flattened to (B, F) float32, computed
-    without TF32 (see :mod:`ctok.metrics.numerics`)."""
+    without TF32 (see :mod:`ctok.numerics`)."""
     with torch.no_grad(), ieee_float32():
         out = network(images)
     if not isinstance(out, dict) or "pool" not in out:

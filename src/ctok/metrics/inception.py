@@ -41,6 +41,7 @@ from torchvision.models.inception import (
 
 from ctok.metrics.tf_resize import resize_bilinear_tf
 from ctok.metrics.weight_files import WeightFile, load_state_dict, resolve_weight_file
+from ctok.uint8 import to_uint8
 from ctok.validation import check_tensor
 
 INCEPTION_WEIGHTS = WeightFile(
@@ -97,7 +98,7 @@ class InceptionV3Features(Inception3):
     """ADM's Inception features of images (B, 3, H, W) in [-1, 1], any H and W.
 
     ``forward`` returns ``{"pool": (B, 2048), "spatial": (B, 2023), "logits": (B, 1008)}`` in float32.
-    Images are first quantised to the 256 levels of an 8-bit image, ``round((x + 1) * 127.5)``: the
+    Images are first quantised to the 256 levels of an 8-bit image (:func:`ctok.uint8.to_uint8`): the
     TF graph only ever saw uint8 files, and this makes an image read from a uint8 file and mapped
     to [-1, 1] give exactly the features of the file. ``identity`` names the weights.
     """
@@ -117,7 +118,7 @@ class InceptionV3Features(Inception3):
                 f"images must lie in [-1, 1], got values in [{float(images.min()):.3g}, {float(images.max()):.3g}]"
                 " (map uint8 images with x / 127.5 - 1)"
             )
-        pixels = ((images.float() + 1) * 127.5).round_().clamp_(0, 255)
+        pixels = to_uint8(images).float()
         x = (resize_bilinear_tf(pixels, (INPUT_SIZE, INPUT_SIZE)) - 128) / 128
         for stem in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
                      self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.maxpool2):

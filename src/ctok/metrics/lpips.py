@@ -16,7 +16,6 @@ import torch
 
 # The environment variable that names each variant's trunk weight file.
 WEIGHTS_ENV = {"alex": "CTOK_ALEXNET_WEIGHTS", "vgg": "CTOK_VGG16_WEIGHTS"}
-VGG16_ENV = WEIGHTS_ENV["vgg"]
 DEFAULT_NET = "alex"
 
 
@@ -37,11 +36,6 @@ def load_lpips(net: str = DEFAULT_NET, weights: str | os.PathLike | None = None,
                                  file=None if explicit is None else str(explicit),
                                  config_key=f"--lpips-weights / {WEIGHTS_ENV[net]}"))
     return LPIPSLoss(path, net=net).to(device)
-
-
-def load_lpips_vgg(vgg_weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """:func:`load_lpips` of the VGG variant."""
-    return load_lpips("vgg", vgg_weights, device)
 
 
 def lpips(images: torch.Tensor, references: torch.Tensor, *, network: torch.nn.Module | None = None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ctok.metrics.numerics import ieee_float32
+from ctok.numerics import ieee_float32
 
 
 def _as_features(name: str, x, device: torch.device) -> torch.Tensor:

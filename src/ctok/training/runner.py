@@ -62,7 +62,7 @@ from ctok.training.run_log import RunLog
 from ctok.training.schedule import lr_factor
 from ctok.training.sharding import BatchRandom, BatchSplit, GlobalBatchSampler
 from ctok.training.task import StepLosses, TrainedModule, TrainingTask
-from ctok.uint8 import to_uint8_round
+from ctok.uint8 import to_uint8
 
 
 @dataclass
@@ -323,7 +323,7 @@ class Runner:
             if images is not None:
                 path = self.run_dir / "samples" / f"step-{step:08d}.png"
                 # Rounded to nearest, as an image file stores a float image; as many rows as columns.
-                save_image_grid(path, to_uint8_round(images.detach()), nrow=max(1, round(images.shape[0] ** 0.5)))
+                save_image_grid(path, to_uint8(images.detach()), nrow=max(1, round(images.shape[0] ** 0.5)))
                 log.add_image_file(step, "samples", path)
         barrier()
 

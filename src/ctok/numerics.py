@@ -1,4 +1,4 @@
-"""Evaluation arithmetic: metric networks and distances run in true float32, whatever training set.
+"""Float32 arithmetic modes: evaluation in true float32, generation with TF32 on CUDA, and the state for the record.
 
 PyTorch lets convolutions use TF32 on Ampere and later GPUs by default (cuDNN's
 ``conv.fp32_precision`` is ``"tf32"``), and ctok's trainer switches matmuls to TF32 too. TF32 keeps 10
@@ -6,10 +6,12 @@ mantissa bits, enough to move Inception features and hence FID in the third sign
 and ADM's evaluator never used it. :func:`ieee_float32` switches every float32 convolution and
 matmul backend to full precision for the duration of a block and restores the previous settings
 afterwards; it uses only PyTorch's per-backend ``fp32_precision`` flags, since mixing them with the
-legacy ``allow_tf32`` flags is an error in current PyTorch.
+legacy ``allow_tf32`` flags is an error in current PyTorch. :func:`tf32_on_cuda` is the opposite
+switch, for generation: the released samplers ran with TF32 matmuls and convolutions on CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,13 +31,24 @@ def float32_modes() -> dict[str, str]:
 
 
 @contextmanager
-def ieee_float32() -> Iterator[None]:
-    """Run the block with TF32 (and any reduced float32 mode) off for convolutions and matmuls."""
-    saved = [(b, op, _flags(b, op).fp32_precision) for b, op in _OPERATIONS]
+def _float32_precision(operations: tuple[tuple[str, str], ...], precision: str) -> Iterator[None]:
+    saved = [(b, op, _flags(b, op).fp32_precision) for b, op in operations]
     for b, op, _ in saved:
-        _flags(b, op).fp32_precision = "ieee"
+        _flags(b, op).fp32_precision = precision
     try:
         yield
     finally:
         for b, op, value in saved:
             _flags(b, op).fp32_precision = value
+
+
+def ieee_float32() -> contextlib.AbstractContextManager:
+    """Run the block with TF32 (and any reduced float32 mode) off for convolutions and matmuls."""
+    return _float32_precision(_OPERATIONS, "ieee")
+
+
+def tf32_on_cuda(device: torch.device) -> contextlib.AbstractContextManager:
+    """Allow TF32 for CUDA matmuls and cuDNN convolutions during the block when ``device`` is a GPU;
+    restore the caller's settings afterwards. On the CPU it changes nothing."""
+    cuda = tuple(pair for pair in _OPERATIONS if pair[0] in ("cuda", "cudnn"))
+    return _float32_precision(cuda if torch.device(device).type == "cuda" else (), "tf32")
