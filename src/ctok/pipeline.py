@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ctok.hub import model_kind, resolve
+from ctok.hub import KIND_NAMES, model_kind, resolve
 from ctok.loading import load_dit, load_sit, load_tokenizer
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT
 from ctok.models.files import read_config
@@ -33,6 +33,8 @@ from ctok.sampling.noise import image_generators
 from ctok.uint8 import DEFAULT_QUANTISATION, check_quantisation, to_uint8_hwc
 
 OUTPUTS = ("uint8", "float")
+# Each generator kind's solvers and its default one.
+SOLVERS = {"sit": (SIT_SOLVERS, "euler-maruyama"), "dit": (DIT_SOLVERS, "ddpm")}
 
 
 @dataclass(frozen=True)
@@ -122,21 +124,14 @@ class LatentPipeline:
         (default) or ddim, guided at every step, on ``noise_schedule``, by default the one its config
         records, else cosine (every released DiT's).
         """
+        solver = self._solver(solver)
         if self.kind == "sit":
             if noise_schedule is not None:
                 raise ValueError("noise_schedule applies to DiT only; a SiT integrates a flow")
-            solver = solver or "euler-maruyama"
-            if solver not in SIT_SOLVERS:
-                what = "a DiT solver" if solver in DIT_SOLVERS else "unknown"
-                raise ValueError(f"solver {solver!r} is {what}; a SiT takes one of {SIT_SOLVERS}")
             interval = tuple(float(t) for t in guidance_interval) if guidance_interval is not None else (0.0, 1.0)
             return dict(num_steps=num_steps, solver=solver, cfg_scale=cfg_scale, guidance_interval=interval)
         if guidance_interval is not None:
             raise ValueError("guidance_interval applies to SiT only; a DiT is guided at every step")
-        solver = solver or "ddpm"
-        if solver not in DIT_SOLVERS:
-            what = "a SiT solver" if solver in SIT_SOLVERS else "unknown"
-            raise ValueError(f"solver {solver!r} is {what}; a DiT takes one of {DIT_SOLVERS}")
         schedule = noise_schedule or self.generator.config.noise_schedule or "cosine"
         return dict(num_steps=num_steps, solver=solver, noise_schedule=schedule, cfg_scale=cfg_scale)
 
@@ -151,6 +146,16 @@ class LatentPipeline:
             return {"model": "sit", **arguments, "path_type": self.generator.config.path_type, "nfe_per_sample": nfe}
         nfe = gaussian_diffusion.function_evaluations(arguments["num_steps"], arguments["cfg_scale"])
         return {"model": "dit", **arguments, "nfe_per_sample": nfe}
+
+    def _solver(self, solver: str | None) -> str:
+        """``solver``, or this generator kind's default; a solver of the other kind is named as such."""
+        names, default = SOLVERS[self.kind]
+        solver = solver or default
+        if solver not in names:
+            other = next((k for k, (theirs, _) in SOLVERS.items() if k != self.kind and solver in theirs), None)
+            what = f"a {KIND_NAMES[other]} solver" if other else "unknown"
+            raise ValueError(f"solver {solver!r} is {what}; a {KIND_NAMES[self.kind]} takes one of {names}")
+        return solver
 
     def generate(self, labels: Sequence[int] | torch.Tensor, *, num_steps: int = 250, solver: str | None = None,
                  cfg_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,
