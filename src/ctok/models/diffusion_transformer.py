@@ -32,6 +32,10 @@ from ctok.models.base import PretrainedModel
 from ctok.models.presets import GENERATOR_PRESET_NAMES, GENERATOR_SIZES
 from ctok.validation import check_batch, check_labels, check_tensor
 
+# The flow paths a SiT can be trained on and the noise schedules of a DiT. The samplers and the
+# trainers read these names from here: a config records one of them, so the model defines them.
+PATH_TYPES = ("linear", "cosine")
+NOISE_SCHEDULES = ("linear", "cosine")
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: ``x * (1 + scale) + shift`` with one (shift, scale) per sample, broadcast over the tokens."""
@@ -332,8 +336,8 @@ class SiTConfig(TransformerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.path_type not in ("linear", "cosine"):
-            raise ValueError(f"path_type must be 'linear' or 'cosine', got {self.path_type!r}")
+        if self.path_type not in PATH_TYPES:
+            raise ValueError(f"path_type must be one of {PATH_TYPES}, got {self.path_type!r}")
 
     @property
     def out_channels(self) -> int:
@@ -371,8 +375,8 @@ class DiTConfig(TransformerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.noise_schedule not in (None, "linear", "cosine"):
-            raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {self.noise_schedule!r}")
+        if self.noise_schedule not in (None, *NOISE_SCHEDULES):
+            raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}")
 
     @property
     def out_channels(self) -> int:

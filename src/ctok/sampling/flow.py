@@ -28,13 +28,12 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ctok.models.diffusion_transformer import DiffusionTransformer
+from ctok.models.diffusion_transformer import PATH_TYPES, DiffusionTransformer
 from ctok.models.tokenizer import Tokenizer
 from ctok.sampling.noise import Generators, check_generators, randn
 from ctok.validation import check_labels, check_tensor
 
 SOLVERS = ("euler", "heun", "euler-maruyama")
-PATH_TYPES = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "lognormal")
 # The SDE stops injecting noise here: the score of the linear path diverges as t -> 0.
 SDE_LAST_TIME = 0.04

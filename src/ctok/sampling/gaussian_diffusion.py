@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ctok.models.diffusion_transformer import NOISE_SCHEDULES
 from ctok.sampling.flow import Labels, check_guidance, check_sampler_inputs, model_dtype
 from ctok.sampling.noise import Generators, check_generators, randn
 
-SCHEDULES = ("linear", "cosine")
 SOLVERS = ("ddpm", "ddim")
 
 
@@ -40,7 +40,7 @@ def beta_schedule(name: str, num_timesteps: int = 1000) -> np.ndarray:
         s = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
         abar = np.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         return np.minimum(1.0 - abar[1:] / abar[:-1], 0.999)
-    raise ValueError(f"noise_schedule must be one of {SCHEDULES}, got {name!r}")
+    raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {name!r}")
 
 
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
