@@ -136,3 +136,18 @@ def test_network_is_frozen_and_in_eval_mode(random_inception):
     assert not random_inception.training
     assert not any(p.requires_grad for p in random_inception.parameters())
     assert isinstance(random_inception, InceptionV3Features)
+
+
+def test_sfid_features_are_the_first_7_channels_of_mixed_6_conv_flattened_row_column_channel(random_inception,
+                                                                                            monkeypatch):
+    # A hand-made mixed_6/conv output whose value names its place: 1000 c + 100 h + w on the 17 x 17 grid.
+    c, h, w = torch.meshgrid(torch.arange(192.0), torch.arange(17.0), torch.arange(17.0), indexing="ij")
+    labelled = (1000 * c + 100 * h + w).expand(2, 192, 17, 17)
+    zeros = torch.zeros(2, 192, 17, 17)
+    monkeypatch.setattr(random_inception.Mixed_6d, "_forward", lambda x: [labelled, zeros, zeros, zeros])
+    spatial = random_inception(torch.zeros(2, 3, 40, 40))["spatial"]
+    assert spatial.shape == (2, 17 * 17 * 7)
+    # Entry i is (row, column, channel) = (i // 119, i // 7 % 17, i % 7): ADM's NHWC flattening of 7 channels.
+    i = torch.arange(2023)
+    expected = 1000 * (i % 7) + 100 * (i // 119) + (i // 7 % 17)
+    assert torch.equal(spatial[0], expected.float()) and torch.equal(spatial[1], expected.float())
