@@ -149,3 +149,16 @@ def test_two_processes_build_the_same_cache_as_one(tokenizer, synthetic_fashion_
     labels = load_fashion_mnist_raw("train", synthetic_fashion_mnist)[1][:24]
     assert [one[i][1] for i in range(24)] == labels.tolist()
     assert two.index["label_range"] == [int(labels.min()), int(labels.max())]
+
+
+def test_an_index_naming_shards_outside_its_folder_is_refused(tmp_path):
+    import json as json_module
+
+    from ctok.latent_cache import FORMAT, INDEX_NAME, VERSION, LatentCache
+
+    index = dict(format=FORMAT, version=VERSION, num_samples=1, num_views=1, num_tokens=2, latent_dim=3,
+                 label_range=[0, 0], tokenizer={"identity": "t", "source": "s"}, stats={"mean": 0.0, "std": 1.0},
+                 shards=[{"name": "../other-cache/shard-00001", "count": 1}])
+    (tmp_path / INDEX_NAME).write_text(json_module.dumps(index))
+    with pytest.raises(ValueError, match=r"names shards outside the cache's own pattern .*other-cache"):
+        LatentCache(tmp_path)

@@ -297,5 +297,6 @@ def test_weights_that_do_not_fit_name_the_fields_config_json_left_to_defaults(co
     config = json.loads((folder / "config.json").read_text())
     del config["codebook_embed_dim"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"do not fit .*does not set, built with ctok's defaults: \['codebook_embed_dim'"):
+    with pytest.raises(ValueError, match=r"do not fit .*does not set, built with ctok's defaults: "
+                                         r"\['codebook_embed_dim'"):
         ctok.load_tokenizer(folder)

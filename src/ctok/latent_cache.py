@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,10 @@ class LatentStatistics:
             "channel_std": np.sqrt(channel_var).tolist(),
             "count": self.count,
         }
+
+
+# What a shard is called: no separator and no "..", so an index can only point into its own folder.
+SHARD_NAME = re.compile(r"shard-\d{5,}")
 
 
 def _shard_name(i: int) -> str:
@@ -245,6 +250,11 @@ class LatentCache(Dataset):
         )
         counts = [s["count"] for s in index["shards"]]
         self._names = [s["name"] for s in index["shards"]]
+        # The index is a file a user may have been handed: its shard names stay inside this folder.
+        foreign = [n for n in self._names if not isinstance(n, str) or not SHARD_NAME.fullmatch(n)]
+        if foreign:
+            raise ValueError(f"{index_path} names shards outside the cache's own pattern (shard-NNNNN): {foreign[:3]}; "
+                             "a cache's shards must be files in its own folder")
         self._starts = np.cumsum([0] + counts)
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
