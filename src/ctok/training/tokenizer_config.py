@@ -88,6 +88,9 @@ class TeachersSection:
     dinov2_file: str | None = None
     siglip: str = SIGLIP_TEACHER
     siglip_file: str | None = None
+    # The statistics SigLIP's input is normalised with (teachers.INPUT_STATISTICS): ImageNet's, as
+    # MAETok's training code does, or SigLIP's own 0.5 / 0.5. DINOv2 always gets ImageNet's, its own.
+    siglip_normalization: Literal["imagenet", "siglip"] = "imagenet"
 
 
 @dataclass

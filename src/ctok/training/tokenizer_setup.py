@@ -109,9 +109,12 @@ def build_tokenizer(cfg: TokenizerTrainConfig, tok_config: dict, found: dict[str
 
 def build_teachers(cfg: TokenizerTrainConfig, c: TokenizerConfig,
                    found: dict[str, Path]) -> dict[str, FrozenViTFeatures]:
-    """The frozen feature teachers, by name, at the tokenizer's resolution and patch size."""
+    """The frozen feature teachers, by name, at the tokenizer's resolution and patch size, fed
+    ImageNet-normalised images (SigLIP: ``teachers.siglip_normalization``)."""
+    normalization = {"dinov2": "imagenet", "siglip": cfg.teachers.siglip_normalization}
     return {name: feature_teacher(getattr(cfg.teachers, name), image_size=c.image_size,
-                                  patch_size=c.enc_patch_size, weights=found.get(f"{name} teacher"))
+                                  patch_size=c.enc_patch_size, weights=found.get(f"{name} teacher"),
+                                  normalization=normalization[name])
             for name in teachers_needed(cfg)}
 
 
