@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from ctok.features.hog import hog_feature_dim
 from ctok.hub import load_weights, read_weights, resolve
 from ctok.losses.alignment import alignment_projection
-from ctok.models.auxiliary_decoders import AuxiliaryDecoders
+from ctok.models.auxiliary_decoders import AuxiliaryDecoders, Positions
 from ctok.models.discriminators import DinoDiscriminator, PatchGANDiscriminator
 from ctok.models.teachers import (
     VGG16,
@@ -132,5 +132,13 @@ def build_heads(cfg: TokenizerTrainConfig, c: TokenizerConfig, teachers: dict[st
         auxiliary = AuxiliaryDecoders(targets, image_size=c.image_size, patch_size=c.enc_patch_size,
                                       num_latent_tokens=c.num_latent_tokens, latent_dim=c.codebook_embed_dim,
                                       width=cfg.auxiliary.width, depth=cfg.auxiliary.depth,
-                                      num_heads=cfg.auxiliary.num_heads)
+                                      num_heads=cfg.auxiliary.num_heads, positions=decoder_positions(c))
     return projection, auxiliary
+
+
+def decoder_positions(c: TokenizerConfig) -> Positions:
+    """The position encoding of the tokenizer's decoder, for the auxiliary decoders: with ``use_rope``
+    RoPE-Mixed replaces the absolute table (the rule :class:`ctok.models.tokenizer.Tokenizer` builds
+    its decoder by), and the class token follows ``dec_cls_token``."""
+    return Positions(class_token=c.dec_cls_token, use_ape=not c.use_rope,
+                     rope_theta=c.rope_theta if c.use_rope else None, base_image_size=c.base_image_size)
