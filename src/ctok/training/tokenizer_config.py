@@ -66,6 +66,9 @@ class GANSection:
     dino_model: str = DINO_DISCRIMINATOR
     dino_file: str | None = None
     dino_input_size: int = 224
+    # Larger images are shown to the DINO discriminator as one random dino_input_size window (the
+    # same for the whole batch) with this probability, else area-resized: the original's 0.5.
+    dino_crop_prob: float = 0.5
     dino_key_blocks: tuple[int, ...] = (2, 5, 8, 11)
     patchgan_width: int = 64
     patchgan_layers: int = 3

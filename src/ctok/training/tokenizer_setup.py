@@ -75,7 +75,8 @@ def build_discriminator(gan: GANSection, weights: Path | None) -> nn.Module:
     if gan.discriminator == "patchgan":
         return PatchGANDiscriminator(width=gan.patchgan_width, num_layers=gan.patchgan_layers)
     backbone = create_vit(gan.dino_model, image_size=gan.dino_input_size, patch_size=16, weights=weights)
-    return DinoDiscriminator(backbone, input_size=gan.dino_input_size, key_blocks=tuple(gan.dino_key_blocks))
+    return DinoDiscriminator(backbone, input_size=gan.dino_input_size, key_blocks=tuple(gan.dino_key_blocks),
+                             crop_prob=gan.dino_crop_prob)
 
 
 def init_linear_xavier(module: nn.Module) -> None:
