@@ -325,11 +325,16 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(synthetic_fashion_mnist, tmp_path):
-    """torchrun with 2 CPU processes: replicas stay identical, and equal a 1-process run of the same global batch."""
+@pytest.mark.parametrize("config", [["tiny-maetok"], ["tiny-softvq", "model.entropy_loss_ratio=0.5"]])
+def test_two_processes_train_like_one(config, synthetic_fashion_mnist, tmp_path):
+    """torchrun with 2 CPU processes: replicas stay identical, and equal a 1-process run of the same global batch.
+
+    For SoftVQ the average code assignment of the entropy loss, and the code-usage history (a
+    buffer of the checkpoint), must span both processes; the entropy weight is raised from 0.01 so
+    that a per-process average would show within three steps."""
     script = tmp_path / "dump_ranks.py"
     script.write_text(_RANK_DUMP)
-    args = ["--config", "tiny-maetok", *FAST, f"data.images={synthetic_fashion_mnist}", "run.max_steps=3",
+    args = ["--config", *config, *FAST, f"data.images={synthetic_fashion_mnist}", "run.max_steps=3",
             "run.ckpt_every=3"]
     for name, procs in (("one", 1), ("two", 2)):
         command = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]

@@ -21,11 +21,11 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ctok.models.collectives import sum_over_processes
 from ctok.models.teachers import IMAGENET_MEAN, IMAGENET_STD, freeze
 
 
@@ -46,10 +46,7 @@ class GlobalBatchNorm(nn.Module):
         h = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics never in half precision
         count = torch.tensor([h.numel() / h.shape[1]], dtype=h.dtype, device=h.device)
         stats = torch.cat([h.sum(dims), h.square().sum(dims), count])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from torch.distributed.nn.functional import all_reduce
-
-            stats = all_reduce(stats)
+        stats = sum_over_processes(stats)
         c = x.shape[1]
         mean = stats[:c] / stats[-1]
         var = (stats[c:2 * c] / stats[-1] - mean.square()).clamp_min(0.0)
