@@ -52,6 +52,10 @@ def test_recipes_encode_the_published_numbers():
             mae.gan.consistency_weight, mae.gan.discriminator, mae.loss.perceptual_warmup) == \
         (0.4, True, 30000, 0.001, 4.0, "dino", 10000)
     assert (mae.auxiliary.width, mae.auxiliary.depth, mae.auxiliary.num_heads) == (192, 3, 3)
+    # The details of the original code (REFERENCE.md): SigLIP fed ImageNet statistics, the DINO
+    # discriminator shown a random 224 crop of 256-px images half of the time.
+    assert (mae.teachers.siglip_normalization, mae.gan.dino_input_size, mae.gan.dino_crop_prob) == \
+        ("imagenet", 224, 0.5)
     assert config_from_dict(tokenizer_config(mae.model))[1].enc_token_drop == 0.4 and mae.ema.decay == 0.9999
     stage2 = load_config(TokenizerTrainConfig, "maetok-b-128-decoder")
     assert stage2.init.freeze_encoder and not stage2.auxiliary.enabled and stage2.init.tokenizer
