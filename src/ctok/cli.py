@@ -34,6 +34,7 @@ _ENVIRONMENT_ADVICE = {
     errno.EROFS: "the file system is read-only: choose another output folder",
     errno.EACCES: "no permission: choose a folder you can write to, or fix its permissions",
     errno.EPERM: "no permission: choose a folder you can write to, or fix its permissions",
+    errno.EBUSY: "wait for it to finish, or choose another output folder",
 }
 
 

@@ -118,6 +118,18 @@ def _wide_to_rgb(image: Image.Image, full_scale: float, path) -> Image.Image:
     return Image.fromarray(np.repeat(levels[..., None], 3, axis=-1), mode="RGB")
 
 
+def usable_workers(requested: int) -> int:
+    """``requested`` DataLoader workers, at most the CPUs this process may run on: more only queue
+    for the same cores (PyTorch warns about it), so a default of 4 on a 2-core machine becomes 2."""
+    if requested < 0:
+        raise ValueError(f"num_workers must be at least 0, got {requested}")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return min(requested, cpus)
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 (3, H, W) in [-1, 1] (x / 127.5 - 1)."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
