@@ -1,4 +1,4 @@
-"""The reference side of an evaluation: statistics and features of a reference set, cached next to it.
+"""The reference side of an evaluation: statistics and features of a reference set, and their cache.
 
 A reference is an ADM reference batch ``.npz`` (``arr_0`` images and/or the TF Inception's stored
 ``mu``, ``sigma``, ``mu_s``, ``sigma_s``), a samples ``.npz``, or a folder of images.
