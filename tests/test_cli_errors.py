@@ -70,3 +70,15 @@ def test_sigint_under_a_real_command_prints_one_line_not_a_traceback(conformance
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED
     assert "Traceback" not in err and "interrupted" in err
+
+
+def test_a_zero_batch_is_named_not_divided_by(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (i * 90, 20, 30)).save(tmp_path / "images" / f"{i}.png")
+    assert main(["train-tokenizer", "--config", "tiny-maetok", "data.batch_size=0",
+                 f"data.images={tmp_path / 'images'}", f"run.out_dir={tmp_path / 'run'}",
+                 "run.device=cpu"]) == EXIT_BAD_INPUT
+    assert "data.batch_size (the global batch) must be at least 1, got 0" in capsys.readouterr().err

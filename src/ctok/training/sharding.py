@@ -36,6 +36,8 @@ class BatchSplit:
     rank: int
 
     def __post_init__(self):
+        if self.global_batch < 1:
+            raise ValueError(f"data.batch_size (the global batch) must be at least 1, got {self.global_batch}")
         parts = self.grad_accum * self.world_size
         if self.global_batch % parts:
             raise ValueError(
