@@ -11,7 +11,7 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 # ctok's own cache (reference features) goes to a folder of this session, not the user's ~/.cache.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ctok-test-cache-")
+os.environ["CTOK_CACHE"] = tempfile.mkdtemp(prefix="ctok-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 # The conformance fixtures travel with the repository, so a clone anywhere can run every test. The

@@ -20,7 +20,10 @@ def torch_cache_path(filename: str) -> Path:
 
 
 def ctok_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/ctok`` (``~/.cache/ctok`` by default): where ctok keeps what it computed and may reuse."""
+    """Where ctok keeps what it computed and may reuse: ``$CTOK_CACHE``, else ``$XDG_CACHE_HOME/ctok``
+    (``~/.cache/ctok`` by default)."""
+    if os.environ.get("CTOK_CACHE"):
+        return Path(os.environ["CTOK_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ctok"
 
 

@@ -7,7 +7,7 @@ A reference is an ADM reference batch ``.npz`` (``arr_0`` images and/or the TF I
   Inception (they are that network's statistics, often over far more images than ``arr_0``);
   precision/recall still needs the features of ``arr_0``.
 * Anything computed from the images is cached in ctok's cache folder
-  (``$XDG_CACHE_HOME/ctok/reference-features``, :func:`ctok.downloads.ctok_cache_dir`), never
+  (``$CTOK_CACHE`` or ``$XDG_CACHE_HOME/ctok``, then ``reference-features``), never
   beside the reference: a file named by the reference's content (a file's sha256; a folder's
   listing with sizes and modification times) and the network's identity, reused while both match.
 """
