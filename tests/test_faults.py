@@ -124,3 +124,45 @@ def test_a_finished_run_rerun_is_a_no_op_for_generate_and_cache_latents(models, 
     assert (tmp_path / "c" / "index.json").read_bytes() == index
     captured = capsys.readouterr()
     assert "already holds this finished latent cache: nothing to do" in captured.out + captured.err
+
+
+@pytest.mark.slow
+def test_cache_latents_killed_mid_build_resumes_to_the_same_cache(models, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tok, _ = models
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+
+    def argv(out):
+        return ["cache-latents", "--tokenizer", str(tok), "--data", str(images), "--out", str(out), "--device", "cpu",
+                "--num-workers", "0", "--shard-size", "4", "--batch-size", "2", "--flip"]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "ctok", *argv(tmp_path / "killed")], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while (len(list((tmp_path / "killed").glob("shard-*.json"))) < 3 and process.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "index.json").exists(), "the build was not killed mid-way"
+    assert subprocess.run([sys.executable, "-m", "ctok", *argv(tmp_path / "killed")], env=env, capture_output=True,
+                          timeout=300).returncode == 0
+
+    def files(folder):
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.name.startswith("shard-")}
+
+    assert files(tmp_path / "killed") == files(tmp_path / "whole") and len(files(tmp_path / "whole")) == 36
+    index = [json.loads((tmp_path / d / "index.json").read_text()) for d in ("whole", "killed")]
+    assert index[0]["stats"] == index[1]["stats"] and index[0]["shards"] == index[1]["shards"]
+    assert not [p for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
