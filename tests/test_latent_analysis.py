@@ -125,6 +125,9 @@ def test_analysis_of_a_few_hundred_latents_is_cheap_json_and_deterministic():
     assert [f["components"] for f in first["gmm"]["fits"]] == list(QUICK_COMPONENTS)
     assert first["settings"]["components"] == list(QUICK_COMPONENTS)
     assert analyze_latents(latents, None, components=(1,))["probe_note"].startswith("no labels")
+    # features (n, d) are one token of width d
+    flat = analyze_latents(latents.reshape(300, -1), labels, components=(1, 2))
+    assert (flat["num_tokens"], flat["latent_dim"], flat["gmm"]["dim"]) == (1, 32, 32)
 
 
 @pytest.mark.parametrize("call, message", [

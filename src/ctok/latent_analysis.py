@@ -17,7 +17,7 @@ module measures those properties of a set of latents (n, N tokens, D):
 
 Every fit uses one seeded split (:func:`split_indices`), so the numbers are deterministic, and the
 GMM's and the probe's held-out latents are the same. :func:`analyze_latents` runs all three on an
-array (the training dashboard calls it on a few hundred latents with :data:`QUICK_COMPONENTS`);
+array (cheap enough for a training dashboard on a few hundred latents with :data:`QUICK_COMPONENTS`);
 :func:`encode_images` and :func:`read_latent_cache` gather the latents of a tokenizer or of a
 finished latent cache with the normalisation a generator would apply; :func:`plot_analyses` draws
 several analyses into one plot per metric. ``ctok analyze-latents`` is the command on top.
@@ -50,6 +50,7 @@ QUICK_COMPONENTS = (1, 4, 16)
 # more than 0.003 nats per dimension over this setting.
 GMM_MAX_ITER = 100
 GMM_TOL_PER_DIM = 1e-4
+# lbfgs on whitened features (see _probe_one) converged in 30-60 iterations on the demo's latents.
 PROBE_MAX_ITER = 500
 # Covariance eigenvalue shares are reported at these numbers of principal components (up to the width).
 TOP_COMPONENTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -85,13 +86,19 @@ def _as_array(name: str, x, ndim: tuple[int, ...]) -> np.ndarray:
     return x
 
 
+def _as_tokens(latents) -> np.ndarray:
+    """Latents (n, N, D); features (n, d) are taken as one token of width d."""
+    latents = _as_array("latents", latents, (2, 3))
+    return latents[:, None] if latents.ndim == 2 else latents
+
+
 def _one_thread():
     """A context in which BLAS and OpenMP run on one thread.
 
     EM and lbfgs make thousands of small matrix products on thin (n, d) arrays; between them
     OpenBLAS's worker threads spin. On a 2-core machine shared with other work, two threads made
     the default analysis of 10,000 demo latents 10x slower (GMMs 60 s instead of 5 s, the probe
-    30 s instead of 1 s), and on an idle one they save little at these sizes.
+    30 s instead of 1 s); with one thread the whole analysis takes seconds at these sizes.
     """
     from threadpoolctl import threadpool_limits
 
@@ -242,12 +249,12 @@ def linear_probe(latents, labels, *, held_out: float = 0.2, seed: int = 0, max_i
     the last two with ``features``, ``whitened_features`` (the directions kept), ``train_accuracy``,
     ``held_out_accuracy``, ``converged``, ``iterations``.
     """
-    latents = _as_array("latents", latents, (3,))
+    latents = _as_tokens(latents)
     labels = _check_labels(labels, len(latents))
     classes = np.unique(labels)
     if len(classes) < 2:
         raise ValueError(f"the linear probe needs latents of at least two classes, but all {len(labels)} are of "
-                         f"class {classes[0]}: analyse labelled data or turn the probe off")
+                         f"class {classes[0]}: analyse labelled data or turn the probe off (--no-probe)")
     train, held = split_indices(len(latents), held_out, seed)
     if len(np.unique(labels[train])) < 2:
         raise ValueError("the probe's train part holds a single class: analyse more latents")
@@ -270,7 +277,7 @@ def latent_geometry(latents) -> dict:
     ratio (sum of eigenvalues)^2 / sum of squares, the number of equally strong directions that
     would hold the same variance.
     """
-    latents = _as_array("latents", latents, (3,))
+    latents = _as_tokens(latents)
     n, tokens, dim = latents.shape
     flat = latents.reshape(n, -1)
     centred = flat - flat.mean(0)
@@ -289,7 +296,8 @@ def latent_geometry(latents) -> dict:
 def analyze_latents(latents, labels=None, *, components=DEFAULT_COMPONENTS, pca_dim: int | None = None,
                     held_out: float = 0.2, seed: int = 0, probe: bool = True, max_iter: int = GMM_MAX_ITER,
                     tol_per_dim: float = GMM_TOL_PER_DIM) -> dict:
-    """GMM fits, linear probe and geometry of latents (n, N, D) (numpy or torch), as a JSON-ready dict.
+    """GMM fits, linear probe and geometry of latents (n, N, D) (numpy or torch; features (n, d) are
+    one token), as a JSON-ready dict.
 
     ``latents`` are analysed as given: normalise them first as the generator would (see
     :class:`LatentSample`). ``labels`` (n,) integers, or None: the probe needs them (``probe=False``
@@ -300,7 +308,7 @@ def analyze_latents(latents, labels=None, *, components=DEFAULT_COMPONENTS, pca_
     Returns ``{"num_latents", "num_tokens", "latent_dim", "settings", "gmm", "probe", "probe_note",
     "geometry", "seconds"}``: ``probe`` is None when it did not run, and ``probe_note`` says why.
     """
-    latents = _as_array("latents", latents, (3,))
+    latents = _as_tokens(latents)
     settings = {"components": [int(k) for k in components], "pca_dim": pca_dim, "held_out": held_out, "seed": seed,
                 "gmm_max_iter": max_iter,
                 "gmm_tol_per_dim": tol_per_dim, "probe": probe}
