@@ -166,3 +166,34 @@ def test_cache_latents_killed_mid_build_resumes_to_the_same_cache(models, tmp_pa
     index = [json.loads((tmp_path / d / "index.json").read_text()) for d in ("whole", "killed")]
     assert index[0]["stats"] == index[1]["stats"] and index[0]["shards"] == index[1]["shards"]
     assert not [p for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
+
+
+def _root_with_mount_namespaces() -> bool:
+    import os
+    import subprocess
+
+    return os.geteuid() == 0 and subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _root_with_mount_namespaces(), reason="a small tmpfs needs root and a mount namespace")
+def test_a_really_full_disk_under_generate_exits_3_and_leaves_no_partial_file(conformance_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    models = conformance_dir / "maetok_small", conformance_dir / "sit_small"
+    generate = [sys.executable, "-m", "ctok", *_generate(*models, disk / "g", "--batch-size", "8")]
+    generate[generate.index("--num-images") + 1] = "400"  # about 4 MB of noisy 64-px PNGs: more than the disk
+    script = ('mount -t tmpfs -o size=1m none "$1" && shift && "$@"; echo "rc=$?"; '
+              'find "$DISK" -name "*.tmp" | wc -l; find "$DISK" -name "*.png" | wc -l')
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISK": str(disk)}
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(disk), *generate], env=env,
+                          capture_output=True, text=True, timeout=600)
+    rc_line, temporaries, pngs = done.stdout.strip().splitlines()[-3:]
+    errors = [line for line in done.stderr.splitlines() if "ctok generate: error" in line]
+    assert rc_line == "rc=3" and len(errors) == 1 and "No space left on device" in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert int(temporaries) == 0 and 0 < int(pngs) < 400
