@@ -197,3 +197,32 @@ def test_a_really_full_disk_under_generate_exits_3_and_leaves_no_partial_file(co
     assert rc_line == "rc=3" and len(errors) == 1 and "No space left on device" in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert int(temporaries) == 0 and 0 < int(pngs) < 400
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_cache_latents_is_one_line_and_the_rerun_finishes(models, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tok, _ = models
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    argv = ["cache-latents", "--tokenizer", str(tok), "--data", str(images), "--out", str(tmp_path / "c"),
+            "--device", "cpu", "--num-workers", "0", "--shard-size", "4", "--batch-size", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "ctok", *argv], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "c").glob("shard-*.json"))) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, "the build ended before Ctrl-C"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert main(argv) == 0 and (tmp_path / "c" / "index.json").is_file()

@@ -230,3 +230,23 @@ def test_a_tokenizer_with_its_own_statistics_wins_over_the_cache(tokenizer):
             == (-0.00077168207, 0.07157949, "tokenizer config (vq_mean, vq_std)"))
     chosen = choose_latent_stats(model, cache, None, 0)
     assert (chosen.mean, chosen.std, chosen.source) == (0.5, 2.0, "latent cache c")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_training_with_one_line_and_the_rerun_continues(small_cache, tmp_path):
+    settings = ["data.batch_size=8", "run.max_steps=400", "run.ckpt_every=10", "run.log_every=10",
+                "run.sample_every=0"]
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "ctok", *train_args("train-sit", "tiny-sit", small_cache, run, *settings)]
+    process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "step-00000020.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before Ctrl-C"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    for step, path in list_checkpoints(run / "checkpoints"):
+        assert load_checkpoint(path)["step"] == step
+    assert main(train_args("train-sit", "tiny-sit", small_cache, run, *settings[:-4], "run.max_steps=30",
+                           "run.ckpt_every=10", "run.log_every=10", "run.sample_every=0")) == 0
