@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# ctok's own cache (reference features) goes to a folder of this session, not the user's ~/.cache.
+os.environ["CTOK_CACHE"] = tempfile.mkdtemp(prefix="ctok-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 # The conformance fixtures travel with the repository, so a clone anywhere can run every test. The

@@ -63,7 +63,7 @@ def test_unclear_layouts_are_refused_with_the_reason(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist or is not a directory"):
         ImageFolder(tmp_path / "missing", 8)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"no images \(bmp/jpeg/jpg/png/webp, any case\) found in"):
+    with pytest.raises(ValueError, match=r"no images \(bmp/jpeg/jpg/png/tif/tiff/webp, any case\) found in"):
         ImageFolder(tmp_path / "empty", 8)
     mixed = tmp_path / "mixed"
     (mixed / "cls").mkdir(parents=True)

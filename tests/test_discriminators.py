@@ -128,3 +128,75 @@ def test_patchgan_grid():
     disc = PatchGANDiscriminator(width=8, num_layers=3)
     assert disc(torch.rand(2, 3, 64, 64)).shape == (2, 1, 6, 6)
     assert disc(torch.rand(1, 3, 256, 256)).shape == (1, 1, 30, 30)  # pix2pix's 70x70-receptive-field grid
+
+
+class FixedDraws:
+    """A ``shared_rand`` that always returns ``values`` and records how many numbers were asked for."""
+
+    def __init__(self, *values: float):
+        self.values = torch.tensor(values)
+        self.calls = []
+
+    def __call__(self, *shape: int) -> torch.Tensor:
+        self.calls.append(shape)
+        return self.values[: shape[0]]
+
+
+@pytest.fixture(scope="module")
+def dino_224():
+    """The recipe's geometry (224-px input, patch 16) on a 2-block tiny ViT."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=0)
+    return DinoDiscriminator(vit, input_size=224, key_blocks=(1,))
+
+
+def _backbone_input(disc: DinoDiscriminator, images: torch.Tensor, draws) -> torch.Tensor:
+    """What the frozen ViT reads when training shows ``images`` to the discriminator."""
+    from ctok.training.tokenizer import judge
+
+    seen = []
+    hook = disc.backbone.patch_embed.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        judge(disc, images, draws)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def _imagenet(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return ((images + 1) / 2 - mean) / std
+
+
+def test_dino_discriminator_crops_one_window_of_larger_images(dino_224):
+    images = torch.rand(3, 3, 256, 256) * 2 - 1
+    draws = FixedDraws(0.2, 0.5, 0.9)  # 0.2 < 1/2: crop; top = floor(0.5 x 33), left = floor(0.9 x 33)
+    seen = _backbone_input(dino_224, images, draws)
+    assert draws.calls == [(3,)]
+    torch.testing.assert_close(seen, _imagenet(images)[..., 16:240, 29:253], rtol=0, atol=1e-6)
+
+
+def test_dino_discriminator_otherwise_area_resizes(dino_224):
+    images = torch.rand(3, 3, 256, 256) * 2 - 1
+    seen = _backbone_input(dino_224, images, FixedDraws(0.7, 0.5, 0.9))  # 0.7 >= 1/2: resize
+    torch.testing.assert_close(seen, F.interpolate(_imagenet(images), size=(224, 224), mode="area"))
+
+
+def test_dino_discriminator_reads_input_size_images_unchanged_and_draws_nothing(dino_224):
+    images = torch.rand(2, 3, 224, 224) * 2 - 1
+    draws = FixedDraws(0.2, 0.5, 0.9)
+    torch.testing.assert_close(_backbone_input(dino_224, images, draws), _imagenet(images))
+    assert draws.calls == []
+
+
+def test_dino_crop_probability_bounds_the_branches():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1, num_classes=0)
+    images = torch.rand(1, 3, 96, 96)
+    never = DinoDiscriminator(vit, input_size=64, key_blocks=(0,), crop_prob=0.0)
+    always = DinoDiscriminator(vit, input_size=64, key_blocks=(0,), crop_prob=1.0)
+    assert never.random_view(images, FixedDraws(0.0, 0.5, 0.5)) is images
+    torch.testing.assert_close(always.random_view(images, FixedDraws(0.999, 0.0, 0.999)), images[..., :64, 32:])
+    with pytest.raises(ValueError, match=r"crop_prob must lie in \[0, 1\], got 1.5"):
+        DinoDiscriminator(vit, input_size=64, key_blocks=(0,), crop_prob=1.5)

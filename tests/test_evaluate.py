@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ctok.atomic_files import file_sha256
 from ctok.cli import main
 from ctok.data.images import center_crop_adm
+from ctok.downloads import ctok_cache_dir
 from ctok.metrics import evaluate, fid, frechet_distance, gaussian_statistics, inception_score, precision_recall, sfid
 from ctok.metrics.inception import PUBLISHED_IDENTITY, RANDOM_IDENTITY
 from ctok.metrics.reference import cache_path
@@ -80,11 +82,14 @@ def test_samples_against_themselves(sets):
     assert out["precision"] == out["recall"] == 1.0
 
 
-def test_reference_statistics_are_cached_beside_it_and_reused(sets):
+def test_reference_statistics_are_cached_in_ctoks_cache_folder_and_reused(sets):
     samples_path, ref_path, _, reference = sets
+    beside = sorted(p.name for p in ref_path.parent.iterdir())
     first = evaluate(samples_path, ref_path, TinyFeatures(), device="cpu", progress=False)
     cache = cache_path(ref_path, "tiny-test-features-v1")
-    assert cache.is_file() and cache.parent == ref_path.parent
+    assert cache.is_file() and cache.parent == ctok_cache_dir() / "reference-features"
+    assert cache.name.startswith(file_sha256(ref_path)[:32])  # named by the reference's content
+    assert sorted(p.name for p in ref_path.parent.iterdir()) == beside  # nothing written beside the reference
     assert "cached in" in first["reference"]["statistics"]
     with np.load(cache) as stored:
         np.testing.assert_allclose(stored["pool"], direct_features(reference)["pool"], rtol=1e-6)

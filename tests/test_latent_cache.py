@@ -95,9 +95,13 @@ def test_a_resumed_build_with_other_settings_is_refused(tokenizer, tmp_path):
     (tmp_path / INDEX_NAME).unlink()
     with pytest.raises(ValueError, match=r"holds shards of another build \(different num_views\)"):
         build(tokenizer, data, tmp_path, flip=True)
-    build(tokenizer, data, tmp_path)
-    with pytest.raises(ValueError, match="already holds a finished latent cache"):
-        build(tokenizer, data, tmp_path)
+    index = build(tokenizer, data, tmp_path)
+    finished = (tmp_path / INDEX_NAME).read_bytes()
+    assert build(tokenizer, data, tmp_path) == index  # a rerun of finished work does nothing
+    assert (tmp_path / INDEX_NAME).read_bytes() == finished
+    with pytest.raises(ValueError, match=r"holds a finished latent cache built with other settings \(different "
+                                         r"num_views\)"):
+        build(tokenizer, data, tmp_path, flip=True)
 
 
 
@@ -149,3 +153,16 @@ def test_two_processes_build_the_same_cache_as_one(tokenizer, synthetic_fashion_
     labels = load_fashion_mnist_raw("train", synthetic_fashion_mnist)[1][:24]
     assert [one[i][1] for i in range(24)] == labels.tolist()
     assert two.index["label_range"] == [int(labels.min()), int(labels.max())]
+
+
+def test_an_index_naming_shards_outside_its_folder_is_refused(tmp_path):
+    import json as json_module
+
+    from ctok.latent_cache import FORMAT, INDEX_NAME, VERSION, LatentCache
+
+    index = dict(format=FORMAT, version=VERSION, num_samples=1, num_views=1, num_tokens=2, latent_dim=3,
+                 label_range=[0, 0], tokenizer={"identity": "t", "source": "s"}, stats={"mean": 0.0, "std": 1.0},
+                 shards=[{"name": "../other-cache/shard-00001", "count": 1}])
+    (tmp_path / INDEX_NAME).write_text(json_module.dumps(index))
+    with pytest.raises(ValueError, match=r"names shards outside the cache's own pattern .*other-cache"):
+        LatentCache(tmp_path)

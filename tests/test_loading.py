@@ -1,5 +1,6 @@
 """Loading and saving checkpoints: errors that say what is wrong, training-only weights ignored."""
 import json
+import re
 
 import pytest
 import torch
@@ -71,7 +72,8 @@ def test_a_typo_in_a_ctok_written_config_is_visible(conformance_dir, tmp_path, r
     saved = sit.save_pretrained(tmp_path / "saved")
     folder = _copy_case(saved, tmp_path / "depth", edit_config=misspell("depth", "deph"))
     with pytest.raises(ValueError, match=r"do not fit its config.json: .* \(config keys ctok does not use: "
-                                         r"\['deph'\]\)$"):
+                                         r"\['deph'\]\) \(fields config.json does not set, built with ctok's "
+                                         r"defaults: \['depth'\]\)$"):
         ctok.load_sit(folder)
     # One whose value is the default: the model loads, and ctok inspect lists the key.
     folder = _copy_case(saved, tmp_path / "qk", edit_config=misspell("qk_norm", "qk_nrom"))
@@ -256,3 +258,45 @@ def test_each_kind_is_served_by_the_class_that_registered_it():
         type("Vae", (PretrainedModel,), {"kind": "vae"})
     with pytest.raises(ValueError, match="kind 'sit' is already served by ctok.models.diffusion_transformer.SiT"):
         type("OtherSiT", (PretrainedModel,), {"kind": "sit"})
+
+
+# -- files validated at the door ---------------------------------------------------------------
+def test_a_truncated_weights_file_is_named_as_such(conformance_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(conformance_dir / "maetok_small", folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors \([\d,]+ bytes\) is not a safetensors file that can be "
+                                         r"read, probably truncated"):
+        ctok.load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("image_size", "thirty-two", "config key 'image_size' must be an integer, got 'thirty-two'"),
+    ("use_rope", "yes", "config key 'use_rope' must be true or false, got 'yes'"),
+    ("tau", "0.07", "config key 'tau' must be a number, got '0.07'"),
+])
+def test_config_values_are_checked_against_their_types(conformance_dir, tmp_path, key, value, words):
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(conformance_dir / "maetok_small", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ctok.load_tokenizer(folder)
+
+
+def test_weights_that_do_not_fit_name_the_fields_config_json_left_to_defaults(conformance_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(conformance_dir / "maetok_small", folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["codebook_embed_dim"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"do not fit .*does not set, built with ctok's defaults: "
+                                         r"\['codebook_embed_dim'"):
+        ctok.load_tokenizer(folder)

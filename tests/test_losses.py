@@ -326,7 +326,8 @@ def test_a_tokenizer_step_uses_the_named_reconstruction_and_generator_losses(rec
     discriminator = TrainedModule(module=critic, wrapped=lambda *args: (torch.zeros(()), {}))
     task = TokenizerTask(cfg, TrainedModule(module=model, wrapped=model), discriminator, lpips=None, teachers={},
                          masks=None, sample_images=None)
-    metrics = task.training_step((_flat_images(REAL),), step=0, rng=None).logged()
+    rng = BatchRandom(seed=0, step=0, split=BatchSplit(4, 1, 1, 0), micro_step=0, device="cpu")
+    metrics = task.training_step((_flat_images(REAL),), step=0, rng=rng).logged()
 
     power = 2 if reconstruction == "mse" else 1
     expected_rec = sum(abs(f - r) ** power for r, f in zip(REAL, FAKE)) / 4

@@ -149,6 +149,7 @@ def test_two_torchrun_processes_give_the_single_process_result(tokenizer_dir, im
 
 def test_reconstruct_folder_writes_the_files_of_the_command(tokenizer_dir, image_folder, tmp_path, no_vgg):
     """The library function called directly gives the command's files, byte for byte."""
+    from ctok.locking import LOCK_NAME
     from ctok.reconstruction import reconstruct_folder
 
     cli = tmp_path / "cli"
@@ -161,7 +162,8 @@ def test_reconstruct_folder_writes_the_files_of_the_command(tokenizer_dir, image
     assert results == json.loads((direct / "metrics.json").read_text())
     for name in ("metrics.json", "reconstructions.npz", "reconstructions.png"):
         assert (direct / name).read_bytes() == (cli / name).read_bytes(), name
-    assert sorted(p.name for p in direct.iterdir()) == ["metrics.json", "reconstructions.npz", "reconstructions.png"]
+    assert sorted(p.name for p in direct.iterdir()) == [LOCK_NAME, "metrics.json", "reconstructions.npz",
+                                                        "reconstructions.png"]
 
 
 @pytest.mark.parametrize("kwargs, message", [

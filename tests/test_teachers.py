@@ -134,3 +134,49 @@ def test_encoder_initialised_from_dinov2(tmp_path):
     wrong = ViTEncoder(image_size=32, patch_size=16, size=VIT_SIZES["tiny"], num_latent_tokens=4)
     with pytest.raises(ValueError, match="does not fit the encoder.*shape mismatches"):
         load_pretrained_encoder(wrong.model, name, image_size=32, patch_size=16, weights=file)
+
+
+def _teacher_inputs(overrides: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Images and what each feature teacher of tiny-maetok (DINOv2 and SigLIP stand-ins) was fed."""
+    from ctok.models.tokenizer import TokenizerConfig
+    from ctok.training.config import load_config
+    from ctok.training.tokenizer_config import TokenizerTrainConfig, tokenizer_config
+    from ctok.training.tokenizer_setup import build_teachers
+
+    cfg = load_config(TokenizerTrainConfig, "tiny-maetok", overrides)
+    teachers = build_teachers(cfg, TokenizerConfig(**tokenizer_config(cfg.model)), found={})
+    assert sorted(teachers) == ["dinov2", "siglip"]
+    seen = {}
+    for name, teacher in teachers.items():
+        teacher.vit.patch_embed.register_forward_pre_hook(lambda _, args, name=name: seen.update({name: args[0]}))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    for teacher in teachers.values():
+        teacher(images)
+    return images, seen
+
+
+def test_teachers_get_imagenet_normalised_images_siglip_included():
+    """MAETok's code feeds SigLIP ImageNet statistics too, not SigLIP's own 0.5 / 0.5."""
+    images, seen = _teacher_inputs([])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    for name in ("dinov2", "siglip"):
+        torch.testing.assert_close(seen[name], ((images + 1) / 2 - mean) / std, msg=lambda m: f"{name}: {m}")
+
+
+def test_siglip_normalization_option_feeds_siglip_its_own_statistics():
+    images, seen = _teacher_inputs(["teachers.siglip_normalization=siglip"])
+    torch.testing.assert_close(seen["siglip"], ((images + 1) / 2 - 0.5) / 0.5)  # i.e. the [-1, 1] images
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen["dinov2"], ((images + 1) / 2 - mean) / std)  # DINOv2 is not affected
+
+
+def test_unknown_teacher_normalization_is_refused():
+    from ctok.training.config import load_config
+    from ctok.training.tokenizer_config import TokenizerTrainConfig
+
+    with pytest.raises(ValueError, match="siglip_normalization"):
+        load_config(TokenizerTrainConfig, "tiny-maetok", ["teachers.siglip_normalization=clip"])
+    with pytest.raises(ValueError, match="teacher input normalization must be one of"):
+        feature_teacher(TINY, image_size=32, patch_size=16, weights=None, normalization="clip")

@@ -25,6 +25,7 @@ from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.config import load_config, packaged_config_names
 from ctok.training.masking import MaskSchedule, random_patch_mask
+from ctok.training.sharding import BatchRandom, BatchSplit
 from ctok.training.tokenizer import DiscriminatorObjective, TokenizerTrainingModel
 from ctok.training.tokenizer_config import TokenizerTrainConfig, tokenizer_config
 from ctok.training.tokenizer_setup import init_linear_xavier
@@ -51,6 +52,10 @@ def test_recipes_encode_the_published_numbers():
             mae.gan.consistency_weight, mae.gan.discriminator, mae.loss.perceptual_warmup) == \
         (0.4, True, 30000, 0.001, 4.0, "dino", 10000)
     assert (mae.auxiliary.width, mae.auxiliary.depth, mae.auxiliary.num_heads) == (192, 3, 3)
+    # The details of the original code (REFERENCE.md): SigLIP fed ImageNet statistics, the DINO
+    # discriminator shown a random 224 crop of 256-px images half of the time.
+    assert (mae.teachers.siglip_normalization, mae.gan.dino_input_size, mae.gan.dino_crop_prob) == \
+        ("imagenet", 224, 0.5)
     assert Tokenizer.split_config(tokenizer_config(mae.model))[0].enc_token_drop == 0.4 and mae.ema.decay == 0.9999
     stage2 = load_config(TokenizerTrainConfig, "maetok-b-128-decoder")
     assert stage2.init.freeze_encoder and not stage2.auxiliary.enabled and stage2.init.tokenizer
@@ -200,6 +205,52 @@ def test_consistency_term_is_added_unscaled():
     assert logs["disc/consistency"] > 0
 
 
+def _dino_views(objective: DiscriminatorObjective, real, fake, split: BatchSplit, micro: int, step: int):
+    """Every image the DINO backbone read in one L_D (real, fake, and the consistency term's two
+    passes), and the crop-or-resize draws of each pass."""
+    rng = BatchRandom(seed=7, step=step, split=split, micro_step=micro, device="cpu")
+    seen, draws = [], []
+
+    def shared_rand(*shape):
+        draws.append(rng.shared_rand(*shape))
+        return draws[-1]
+
+    hook = objective.discriminator.backbone.patch_embed.register_forward_pre_hook(lambda _, a: seen.append(a[0]))
+    try:
+        objective(real, fake, rng.rand, 0.5, shared_rand)
+    finally:
+        hook.remove()
+    return seen, draws
+
+
+def test_discriminator_crop_windows_do_not_depend_on_the_batch_split():
+    """Each pass of L_D draws its own window from the step's shared stream: two processes, or two
+    accumulation steps, crop exactly as one process with the whole batch does."""
+    import timm
+
+    from ctok.models.discriminators import DinoDiscriminator
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1, num_classes=0)
+    objective = DiscriminatorObjective(DinoDiscriminator(vit, input_size=64, key_blocks=(0,)), loss="hinge",
+                                       lecam_weight=0.0, consistency_weight=4.0, diffaugment=True)
+    real, fake = torch.rand(4, 3, 96, 96) * 2 - 1, torch.rand(4, 3, 96, 96) * 2 - 1
+    branches = set()
+    for step in range(6):
+        one, draws = _dino_views(objective, real, fake, BatchSplit(4, 1, 1, 0), 0, step)
+        assert len(one) == len(draws) == 4  # real, fake, and both consistency passes: one draw each
+        assert len({tuple(d.tolist()) for d in draws}) == 4
+        branches |= {bool(d[0] < 0.5) for d in draws}
+        for halves in ([(BatchSplit(4, 1, 2, 0), 0), (BatchSplit(4, 1, 2, 1), 0)],  # two processes
+                       [(BatchSplit(4, 2, 1, 0), 0), (BatchSplit(4, 2, 1, 0), 1)]):  # two accumulation steps
+            halves = [_dino_views(objective, real[2 * i:2 * i + 2], fake[2 * i:2 * i + 2], split, micro, step)
+                      for i, (split, micro) in enumerate(halves)]
+            for k in range(4):
+                torch.testing.assert_close(torch.cat([halves[0][0][k], halves[1][0][k]]), one[k], rtol=0, atol=0)
+                assert torch.equal(halves[0][1][k], draws[k]) and torch.equal(halves[1][1][k], draws[k])
+    assert branches == {True, False}  # both the crop and the resize were exercised
+
+
 # -- whole runs (slow) ----------------------------------------------------------------------------
 FAST = ["data.batch_size=4", "samples.num_images=2", "loss.perceptual_weight=0", "gan.start_step=1",
         "run.log_every=1"]
@@ -278,11 +329,16 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(synthetic_fashion_mnist, tmp_path):
-    """torchrun with 2 CPU processes: replicas stay identical, and equal a 1-process run of the same global batch."""
+@pytest.mark.parametrize("config", [["tiny-maetok"], ["tiny-softvq", "model.entropy_loss_ratio=0.5"]])
+def test_two_processes_train_like_one(config, synthetic_fashion_mnist, tmp_path):
+    """torchrun with 2 CPU processes: replicas stay identical, and equal a 1-process run of the same global batch.
+
+    For SoftVQ the average code assignment of the entropy loss, and the code-usage history (a
+    buffer of the checkpoint), must span both processes; the entropy weight is raised from 0.01 so
+    that a per-process average would show within three steps."""
     script = tmp_path / "dump_ranks.py"
     script.write_text(_RANK_DUMP)
-    args = ["--config", "tiny-maetok", *FAST, f"data.images={synthetic_fashion_mnist}", "run.max_steps=3",
+    args = ["--config", *config, *FAST, f"data.images={synthetic_fashion_mnist}", "run.max_steps=3",
             "run.ckpt_every=3"]
     for name, procs in (("one", 1), ("two", 2)):
         command = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]

@@ -3,7 +3,8 @@
 ``HF_HUB_OFFLINE=1`` (read as huggingface_hub reads it) is the one switch that stops ctok from
 downloading anything: weights for metrics and teachers, and datasets. Files that torch.hub,
 torchvision and torch-fidelity download live in ``$TORCH_HOME/hub/checkpoints``, so a file any of
-them fetched once is found here too.
+them fetched once is found here too. What ctok computes and keeps for later (the evaluator's
+reference features) lives in its own cache folder, :func:`ctok_cache_dir`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ import torch
 def torch_cache_path(filename: str) -> Path:
     """Where torch.hub (and torch-fidelity, torchvision) keep a downloaded weight file."""
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def ctok_cache_dir() -> Path:
+    """Where ctok keeps what it computed and may reuse: ``$CTOK_CACHE``, else ``$XDG_CACHE_HOME/ctok``
+    (``~/.cache/ctok`` by default)."""
+    if os.environ.get("CTOK_CACHE"):
+        return Path(os.environ["CTOK_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ctok"
 
 
 def offline() -> bool:

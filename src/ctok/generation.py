@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ctok.atomic_files import save_image_grid, save_png, weights_sha256
+from ctok.locking import folder_lock
 from ctok.metrics.sample_npz import write_npz_images
 from ctok.numerics import tf32_on_cuda
 from ctok.pipeline import LatentPipeline
@@ -76,8 +77,29 @@ def generate_to_folder(pipe: LatentPipeline, out: str | os.PathLike, *, num_imag
     label_of = image_labels(labels, pipe.generator)
     out = Path(out)
     check_quantisation(quantisation)
+    with folder_lock(out, hold=ctx.is_main):
+        _stamp(pipe, out, num_images=num_images, batch_size=batch_size, seed=seed, labels=labels,
+               quantisation=quantisation, sampling=sampling, ctx=ctx)
+        todo = _unfinished_batches(out / IMAGES_DIR, num_images, batch_size, ctx)
+        with tf32_on_cuda(ctx.device):
+            mine = todo[ctx.rank::ctx.world_size]
+            bar = tqdm(total=sum(len(b) for b in mine), unit="img", desc="generating", disable=not ctx.is_main)
+            for batch in mine:
+                images = pipe.generate([label_of(i) for i in batch],
+                                       generators=image_generators(seed, batch, ctx.device),
+                                       quantisation=quantisation, **sampling)
+                for i, image in zip(batch, images):
+                    save_png(image_path(out / IMAGES_DIR, i), image)
+                bar.update(len(batch))
+            bar.close()
+        return _finish(out, num_images, todo, ctx)
+
+
+def _stamp(pipe: LatentPipeline, out: Path, *, num_images: int, batch_size: int, seed: int,
+           labels: Sequence[int] | None, quantisation: str, sampling: dict, ctx: DistContext) -> None:
+    """Write generate.json (the first process) or check a rerun's settings against it (every process)."""
     settings = _run_settings(pipe, num_images=num_images, batch_size=batch_size, seed=seed, labels=labels,
-                            sampler=pipe.sampler_arguments(**sampling))
+                             sampler=pipe.sampler_arguments(**sampling))
     settings["quantisation"] = quantisation
     settings["protocol"] = ProtocolCard.here(
         ctx.device, num_samples=num_images, seed=seed, sampler=pipe.sampler_card(**sampling),
@@ -85,20 +107,13 @@ def generate_to_folder(pipe: LatentPipeline, out: str | os.PathLike, *, num_imag
         quantisation=quantisation, dtype=str(next(pipe.generator.parameters()).dtype).removeprefix("torch."),
     ).to_dict()
     settings = json.loads(json.dumps(settings))  # what a resumed run reads back compares equal
-    # Every process checks; only the first writes the stamp, which a rerun compares against.
     check_same_settings(out / SETTINGS_NAME, settings, f"{out} holds images made", write=ctx.is_main,
                         ignore=("protocol",))
-    todo = _unfinished_batches(out / IMAGES_DIR, num_images, batch_size, ctx)
-    with tf32_on_cuda(ctx.device):
-        mine = todo[ctx.rank::ctx.world_size]
-        bar = tqdm(total=sum(len(b) for b in mine), unit="img", desc="generating", disable=not ctx.is_main)
-        for batch in mine:
-            images = pipe.generate([label_of(i) for i in batch], generators=image_generators(seed, batch, ctx.device),
-                                   quantisation=quantisation, **sampling)
-            for i, image in zip(batch, images):
-                save_png(image_path(out / IMAGES_DIR, i), image)
-            bar.update(len(batch))
-        bar.close()
+
+
+def _finish(out: Path, num_images: int, todo: list[range], ctx: DistContext) -> Path | None:
+    """After every process is done: samples.npz and the grid, written by the first process when
+    anything was drawn (or they are missing). Returns samples.npz's path there, None elsewhere."""
     barrier()
     if not ctx.is_main:
         return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ctok.atomic_files import atomic_write, write_json
+from ctok.data.images import usable_workers
+from ctok.locking import folder_lock
 from ctok.settings_check import changed_keys
 from ctok.training.distributed import DistContext, barrier
 
@@ -78,6 +81,10 @@ class LatentStatistics:
         }
 
 
+# What a shard is called: no separator and no "..", so an index can only point into its own folder.
+SHARD_NAME = re.compile(r"shard-\d{5,}")
+
+
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
@@ -100,8 +107,6 @@ def build_latent_cache(tokenizer, dataset: Dataset, out: str | Path, *, tokenize
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     out = Path(out)
-    if (out / INDEX_NAME).exists():
-        raise ValueError(f"{out} already holds a finished latent cache ({INDEX_NAME}); choose another --out")
     source = str(Path(tokenizer_source).resolve()) if Path(tokenizer_source).is_dir() else str(tokenizer_source)
     if ctx is None:
         ctx = DistContext(rank=0, world_size=1, local_rank=0, device=next(tokenizer.parameters()).device)
@@ -114,6 +119,30 @@ def build_latent_cache(tokenizer, dataset: Dataset, out: str | Path, *, tokenize
         "dataset_size": total,
         "dataset": dataset_source,
     }
+    if (out / INDEX_NAME).exists():
+        return _finished(out, settings, ctx)
+    with folder_lock(out, hold=ctx.is_main):
+        return _build(tokenizer, dataset, out, settings, source, total, batch_size, num_workers, flip, ctx)
+
+
+def _finished(out: Path, settings: dict, ctx: DistContext) -> Path | None:
+    """A rerun over a finished cache: nothing to do when it was built with these settings, else an error."""
+    index = json.loads((out / INDEX_NAME).read_text())
+    built = {"tokenizer": index["tokenizer"]["identity"], "num_views": index["num_views"],
+             "dataset_size": index.get("dataset_size"), "dataset": index["dataset"]}
+    changed = [k for k, v in built.items() if v is not None and v != settings[k]]
+    if changed:
+        raise ValueError(f"{out} holds a finished latent cache built with other settings (different "
+                         f"{', '.join(changed)}); choose another --out")
+    if ctx.is_main:
+        tqdm.write(f"{out} already holds this finished latent cache: nothing to do")
+    return out / INDEX_NAME if ctx.is_main else None
+
+
+def _build(tokenizer, dataset, out: Path, settings: dict, source: str, total: int, batch_size: int,
+           num_workers: int, flip: bool, ctx: DistContext) -> Path | None:
+    """Encode the shards this process owns that are not complete yet; the first process writes the index."""
+    shard_size = settings["shard_size"]
     num_shards = math.ceil(total / shard_size)
     mine = [i for i in range(num_shards) if i % ctx.world_size == ctx.rank]
     todo = [i for i in mine if not _shard_complete(out, i, settings)]
@@ -123,7 +152,7 @@ def build_latent_cache(tokenizer, dataset: Dataset, out: str | Path, *, tokenize
     for index in todo:
         start = index * shard_size
         part = Subset(dataset, range(start, min(start + shard_size, total)))
-        loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+        loader = DataLoader(part, batch_size=batch_size, num_workers=usable_workers(num_workers), collate_fn=collate)
         _write_shard(out, index, *_encode(tokenizer, loader, flip, ctx.device, bar), settings)
     bar.close()
     barrier()
@@ -193,6 +222,7 @@ def _write_index(out: Path, num_shards: int, settings: dict, tokenizer, tokenize
                       "image_size": tokenizer.image_size,
                       "vq_mean": tokenizer.config.vq_mean, "vq_std": tokenizer.config.vq_std},
         "dataset": settings["dataset"],
+        "dataset_size": settings["dataset_size"],
         "num_samples": sum(s["count"] for s in shards),
         "num_views": settings["num_views"],
         "num_tokens": tokenizer.num_tokens,
@@ -245,6 +275,11 @@ class LatentCache(Dataset):
         )
         counts = [s["count"] for s in index["shards"]]
         self._names = [s["name"] for s in index["shards"]]
+        # The index is a file a user may have been handed: its shard names stay inside this folder.
+        foreign = [n for n in self._names if not isinstance(n, str) or not SHARD_NAME.fullmatch(n)]
+        if foreign:
+            raise ValueError(f"{index_path} names shards outside the cache's own pattern (shard-NNNNN): {foreign[:3]}; "
+                             "a cache's shards must be files in its own folder")
         self._starts = np.cumsum([0] + counts)
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ctok.atomic_files import save_image_grid, write_json
-from ctok.data.images import ImageFolder
+from ctok.data.images import ImageFolder, usable_workers
+from ctok.locking import folder_lock
 from ctok.metrics.features import network_features, network_identity, to_network_input
 from ctok.metrics.frechet import fid
 from ctok.metrics.image_quality import SSIM_CONVENTIONS, psnr, ssim
@@ -89,20 +90,21 @@ def reconstruct_folder(tokenizer: Tokenizer, data: str | os.PathLike, out: str |
     total = len(dataset) if limit is None else min(limit, len(dataset))
     start, end = ctx.rank * total // ctx.world_size, (ctx.rank + 1) * total // ctx.world_size
     loader = DataLoader(Subset(dataset, range(start, end)), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=dataset.collate)
+                        num_workers=usable_workers(num_workers), collate_fn=dataset.collate)
     lpips_network, lpips_reason = _load_lpips(lpips_net, lpips_weights, ctx.device)
     out = Path(out)
-    (out / SHARDS).mkdir(parents=True, exist_ok=True)
     scoring = _Scoring(network, lpips_network, ssim_convention, quantisation)
-    count, grid = _reconstruct_slice(tokenizer, loader, scoring, out / SHARDS, end - start, grid_images, ctx)
-    done = sum(gather_objects(count, ctx))  # also waits until every shard is written
-    if done < 2:
-        raise ValueError(f"only {done} image(s) could be reconstructed; rFID needs at least 2")
-    results = None
-    if ctx.is_main:
-        about = _about(tokenizer, tokenizer_source, data, network, scoring, lpips_net, lpips_reason, done, ctx)
-        results = _finish(out, ctx.world_size, about, grid[:grid_images])
-    barrier()
+    with folder_lock(out, hold=ctx.is_main):
+        (out / SHARDS).mkdir(parents=True, exist_ok=True)
+        count, grid = _reconstruct_slice(tokenizer, loader, scoring, out / SHARDS, end - start, grid_images, ctx)
+        done = sum(gather_objects(count, ctx))  # also waits until every shard is written
+        if done < 2:
+            raise ValueError(f"only {done} image(s) could be reconstructed; rFID needs at least 2")
+        results = None
+        if ctx.is_main:
+            about = _about(tokenizer, tokenizer_source, data, network, scoring, lpips_net, lpips_reason, done, ctx)
+            results = _finish(out, ctx.world_size, about, grid[:grid_images])
+        barrier()
     return results
 
 

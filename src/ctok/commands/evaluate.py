@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    # Checked before the feature network is loaded: a typo should not first send the user looking for weights.
+    for flag, path in (("--samples", args.samples), ("--ref", args.ref)):
+        if not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"{flag}: no image set at {path} (an .npz or a folder of images)")
     device = parse_device(args.device)
     network = load_feature_network(args.feature_network, args.inception_weights, device)
     results = evaluate(args.samples, args.ref, network, batch_size=args.batch_size, device=device, k=args.k,

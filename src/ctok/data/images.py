@@ -12,6 +12,12 @@ markers and reports their paths in the batch (``batch.skipped``). The count ther
 with the batch through the DataLoader's queues and is right for any ``num_workers``; a counter
 kept inside the dataset would live in the worker processes, out of the training loop's sight.
 So a batch may hold fewer images than the batch size (none at all, in the limit).
+
+Pixel formats. :func:`read_rgb` turns every file into 8-bit RGB the same way, or refuses it with
+its name: EXIF orientation is applied; grayscale, palette and CMYK images are converted; an alpha
+channel is dropped, as ImageNet loaders do; 16-bit images (``I;16`` and its byte orders, and
+``I`` holding 16-bit values) are scaled from 65535, not clipped at 255 as ``convert("RGB")`` would;
+float images (``F``) are read as [0, 1] and refused outside it. A refused file counts as broken.
 """
 from __future__ import annotations
 
@@ -22,10 +28,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 CROPS = ("center", "random")
 
 
@@ -83,6 +89,47 @@ def _crop_adm(image: Image.Image, short: int, size: int, *, centred: bool) -> Im
     return image.crop((left, top, left + size, top + size))
 
 
+# Modes whose values are not 8-bit levels, by the value that means full brightness.
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image file at ``path`` as an 8-bit RGB image, upright (see the module docstring for each mode).
+
+    Raises ValueError naming the file for values that cannot be mapped to 8 bits, and PIL's errors
+    for files that cannot be decoded.
+    """
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)  # also forces the full decode
+        if image.mode in _WIDE_MODES:
+            return _wide_to_rgb(image, _WIDE_MODES[image.mode], path)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # PIL's way to resolve palette transparency before dropping it
+        return image.convert("RGB")
+
+
+def _wide_to_rgb(image: Image.Image, full_scale: float, path) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > full_scale or not np.isfinite(values).all():
+        raise ValueError(f"{path}: {image.mode} pixel values lie in [{low:g}, {high:g}], outside [0, {full_scale:g}]; "
+                         "save it as an 8- or 16-bit image")
+    levels = np.floor(values / full_scale * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(np.repeat(levels[..., None], 3, axis=-1), mode="RGB")
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` DataLoader workers, at most the CPUs this process may run on: more only queue
+    for the same cores (PyTorch warns about it), so a default of 4 on a 2-core machine becomes 2."""
+    if requested < 0:
+        raise ValueError(f"num_workers must be at least 0, got {requested}")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return min(requested, cpus)
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 (3, H, W) in [-1, 1] (x / 127.5 - 1)."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -134,8 +181,7 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BrokenImage:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")  # forces the full decode inside the try
+            image = read_rgb(path)
         # PIL signals undecodable data with OSError (UnidentifiedImageError, truncation), ValueError,
         # SyntaxError (some broken headers) and DecompressionBombError (absurd sizes).
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:

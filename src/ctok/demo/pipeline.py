@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ctok.atomic_files import save_png, write_json
+from ctok.locking import folder_lock
 from ctok.settings_check import check_same_settings
 from ctok.uint8 import DEFAULT_QUANTISATION, to_uint8_hwc
 
@@ -292,17 +293,17 @@ def run_demo(out: str | Path, data: str | None = None, quick: bool = False) -> P
 
     start = time.time()
     demo = Demo(Path(out), data, QUICK if quick else DEFAULT)
-    demo.out.mkdir(parents=True, exist_ok=True)
-    demo.check_settings()
-    demo.classifier = load_fmnist_classifier()
-    demo.record(classifier_test_accuracy=packaged_record()["test_accuracy"])
-    for stage in (demo.data, demo.tokenizer, demo.reconstruct, demo.latents, demo.generator, demo.generate,
-                  demo.evaluate):
-        stage()
-    report = demo.report()
-    for name in ("tokenizer", "generator"):  # the trained models, where a user looks for them
-        src = demo.tokenizer_dir if name == "tokenizer" else demo.generator_dir
-        shutil.copytree(src, demo.out / name, dirs_exist_ok=True)
-    demo.record(elapsed_s_this_run=round(time.time() - start, 1))
+    with folder_lock(demo.out):
+        demo.check_settings()
+        demo.classifier = load_fmnist_classifier()
+        demo.record(classifier_test_accuracy=packaged_record()["test_accuracy"])
+        for stage in (demo.data, demo.tokenizer, demo.reconstruct, demo.latents, demo.generator, demo.generate,
+                      demo.evaluate):
+            stage()
+        report = demo.report()
+        for name in ("tokenizer", "generator"):  # the trained models, where a user looks for them
+            src = demo.tokenizer_dir if name == "tokenizer" else demo.generator_dir
+            shutil.copytree(src, demo.out / name, dirs_exist_ok=True)
+        demo.record(elapsed_s_this_run=round(time.time() - start, 1))
     say(f"done in {time.time() - start:.0f} s: open {report}")
     return report

@@ -71,8 +71,10 @@ class FolderImageSet:
         return f"folder:{len(self)}:{digest.hexdigest()[:16]}"
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        from ctok.data.images import usable_workers
+
         loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False,
-                            num_workers=self.num_workers, collate_fn=self.dataset.collate)
+                            num_workers=usable_workers(self.num_workers), collate_fn=self.dataset.collate)
         for batch in loader:
             self.skipped.extend(batch.skipped)
             if len(batch.images):

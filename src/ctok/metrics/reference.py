@@ -1,4 +1,4 @@
-"""The reference side of an evaluation: statistics and features of a reference set, cached next to it.
+"""The reference side of an evaluation: statistics and features of a reference set, and their cache.
 
 A reference is an ADM reference batch ``.npz`` (``arr_0`` images and/or the TF Inception's stored
 ``mu``, ``sigma``, ``mu_s``, ``sigma_s``), a samples ``.npz``, or a folder of images.
@@ -6,9 +6,10 @@ A reference is an ADM reference batch ``.npz`` (``arr_0`` images and/or the TF I
 * Stored statistics are used for FID and sFID exactly when the feature network is the published
   Inception (they are that network's statistics, often over far more images than ``arr_0``);
   precision/recall still needs the features of ``arr_0``.
-* Anything computed from the images is cached in ``<reference>.ctok-features-<network>.npz``
-  beside the reference, keyed by the network's identity and the files' fingerprint (size and
-  modification time), and reused while both match.
+* Anything computed from the images is cached in ctok's cache folder
+  (``$CTOK_CACHE`` or ``$XDG_CACHE_HOME/ctok``, then ``reference-features``), never
+  beside the reference: a file named by the reference's content (a file's sha256; a folder's
+  listing with sizes and modification times) and the network's identity, reused while both match.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctok.atomic_files import atomic_write
+from ctok.atomic_files import atomic_write, file_sha256
+from ctok.downloads import ctok_cache_dir
 from ctok.metrics.features import extract_features, network_identity
 from ctok.metrics.frechet import gaussian_statistics
 from ctok.metrics.image_sets import has_images, open_image_set, stored_statistics
@@ -42,9 +44,14 @@ class ReferenceStatistics:
 
 
 def cache_path(reference: str | os.PathLike, identity: str) -> Path:
+    """Where the features of ``reference`` under the network ``identity`` are cached."""
     reference = Path(reference).expanduser().resolve()
-    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    return reference.with_name(f"{reference.name}.ctok-features-{key}.npz")
+    if reference.is_file():
+        content = file_sha256(reference)
+    else:
+        content = hashlib.sha256(open_image_set(reference, 1).fingerprint().encode()).hexdigest()
+    network = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return ctok_cache_dir() / "reference-features" / f"{content[:32]}-{network}.npz"
 
 
 def _read_cache(path: Path, identity: str, fingerprint: str) -> dict[str, np.ndarray] | None:
@@ -63,7 +70,7 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], identity: str, finge
     try:
         with atomic_write(path, "wb") as f:
             np.savez(f, identity=np.array(identity), fingerprint=np.array(fingerprint), **arrays)
-    except OSError as err:  # a read-only dataset folder, say: still evaluate, just without the cache
+    except OSError as err:  # a read-only home, say: still evaluate, just without the cache
         warnings.warn(f"cannot cache reference statistics at {path} ({err}); they will be recomputed next time")
         return False
     return True

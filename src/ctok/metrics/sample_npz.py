@@ -26,14 +26,16 @@ def npz_keys(path: str | os.PathLike) -> list[str]:
         raise ValueError(f"{path} is not an .npz archive") from None
 
 
-def _read_header(member) -> tuple[tuple[int, ...], np.dtype]:
+def _read_header(member, path) -> tuple[tuple[int, ...], np.dtype]:
     version = np.lib.format.read_magic(member)
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     if version not in readers:
-        raise ValueError(f".npy format version {version} is not supported (1.0 and 2.0 are)")
+        raise ValueError(f"{path}: .npy format version {version} is not supported (1.0 and 2.0 are)")
     shape, fortran_order, dtype = readers[version](member)
     if fortran_order or dtype.hasobject:
-        raise ValueError("image arrays must be C-ordered plain numbers")
+        raise ValueError(f"{path}: image arrays must be C-ordered plain numbers "
+                         f"({'Fortran order' if fortran_order else 'Python objects'} found); "
+                         "save them with np.savez(path, arr_0=np.ascontiguousarray(images))")
     return shape, dtype
 
 
@@ -47,7 +49,7 @@ class NpzImages:
         if IMAGES_KEY not in npz_keys(self.path):
             raise ValueError(f"{self.path} holds no images ({IMAGES_KEY}); it has {npz_keys(self.path)}")
         with zipfile.ZipFile(self.path) as archive, archive.open(f"{IMAGES_KEY}.npy") as member:
-            self.shape, dtype = _read_header(member)
+            self.shape, dtype = _read_header(member, self.path)
         if dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] != 3:
             raise ValueError(
                 f"{self.path}: {IMAGES_KEY} must hold uint8 RGB images (N, H, W, 3), got {dtype} {self.shape}"
@@ -60,7 +62,7 @@ class NpzImages:
         """uint8 arrays (b, H, W, 3) in file order, each at most ``batch_size`` images."""
         per_image = int(np.prod(self.shape[1:]))
         with zipfile.ZipFile(self.path) as archive, archive.open(f"{IMAGES_KEY}.npy") as member:
-            _read_header(member)
+            _read_header(member, self.path)
             for start in range(0, len(self), batch_size):
                 count = min(batch_size, len(self) - start)
                 data = member.read(count * per_image)

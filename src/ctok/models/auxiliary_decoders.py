@@ -7,10 +7,16 @@ one decoder per target (HOG, DINOv2 and SigLIP patch features) the encoder must 
 latent tokens what those targets know about the patches it never saw. The decoders exist only in
 training: the exported tokenizer does not carry them.
 
+Training gives them the position encoding and class-token layout of the tokenizer's own decoder
+(:class:`Positions`): under the released MAETok settings that is RoPE-Mixed on the image tokens,
+no absolute position table (``use_ape`` false) and no class token (``dec_cls_token`` false).
+
 Losses are taken at masked positions only: mean squared error for HOG, negative cosine for
 teacher features.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -21,17 +27,33 @@ from ctok.models.vit import ViTDecoder, ViTSize
 LOSS_KINDS = ("mse", "cosine")
 
 
+@dataclass(frozen=True)
+class Positions:
+    """How a decoder encodes positions, as :class:`ctok.models.vit.ViTDecoder` takes it.
+
+    The default is an absolute position table with a class token; ``rope_theta`` set means
+    RoPE-Mixed on the image tokens (then ``use_ape`` False: no absolute table), its frequencies
+    laid out for ``base_image_size``.
+    """
+
+    class_token: bool = True
+    use_ape: bool = True
+    rope_theta: float | None = None
+    base_image_size: int | None = None
+
+
 class AuxiliaryDecoder(nn.Module):
     """Latents (B, N, D) -> per-patch predictions (B, num_patches, out_dim)."""
 
     def __init__(self, *, image_size: int, patch_size: int, num_latent_tokens: int, latent_dim: int, out_dim: int,
-                 width: int = 192, depth: int = 3, num_heads: int = 3):
+                 width: int = 192, depth: int = 3, num_heads: int = 3, positions: Positions = Positions()):
         super().__init__()
         self.embed = nn.Linear(latent_dim, width)
         self.decoder = ViTDecoder(
             image_size=image_size, patch_size=patch_size, size=ViTSize(width, depth, num_heads),
-            num_latent_tokens=num_latent_tokens, latent_dim=latent_dim, movq=True, class_token=True,
-            use_ape=True, pixel_channels=None,
+            num_latent_tokens=num_latent_tokens, latent_dim=latent_dim, movq=True,
+            class_token=positions.class_token, use_ape=positions.use_ape, rope_theta=positions.rope_theta,
+            base_image_size=positions.base_image_size, pixel_channels=None,
         )
         self.head = nn.Linear(width, out_dim)
 
@@ -67,11 +89,13 @@ def per_position_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str)
 class AuxiliaryDecoders(nn.Module):
     """One :class:`AuxiliaryDecoder` per named target, and their masked losses.
 
-    ``targets`` maps a name (``hog``, ``dinov2``, ``siglip``) to (feature width, loss kind).
+    ``targets`` maps a name (``hog``, ``dinov2``, ``siglip``) to (feature width, loss kind);
+    ``positions``: the position encoding of every decoder (the tokenizer decoder's in training).
     """
 
     def __init__(self, targets: dict[str, tuple[int, str]], *, image_size: int, patch_size: int,
-                 num_latent_tokens: int, latent_dim: int, width: int = 192, depth: int = 3, num_heads: int = 3):
+                 num_latent_tokens: int, latent_dim: int, width: int = 192, depth: int = 3, num_heads: int = 3,
+                 positions: Positions = Positions()):
         super().__init__()
         for name, (_, kind) in targets.items():
             if kind not in LOSS_KINDS:
@@ -79,7 +103,8 @@ class AuxiliaryDecoders(nn.Module):
         self.kinds = {name: kind for name, (_, kind) in targets.items()}
         self.decoders = nn.ModuleDict({
             name: AuxiliaryDecoder(image_size=image_size, patch_size=patch_size, num_latent_tokens=num_latent_tokens,
-                                   latent_dim=latent_dim, out_dim=dim, width=width, depth=depth, num_heads=num_heads)
+                                   latent_dim=latent_dim, out_dim=dim, width=width, depth=depth, num_heads=num_heads,
+                                   positions=positions)
             for name, (dim, _) in targets.items()
         })
 

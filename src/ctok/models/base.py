@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
+from ctok.config_types import check_value, is_plain
 from ctok.hub import BUILDERS, KIND_NAMES, LOADERS, other_kind, register, resolve
 from ctok.models.files import (
     CONFIG_NAME,
@@ -92,6 +94,10 @@ class PretrainedModel(nn.Module):
                              f"build it with {BUILDERS[found]}")
         config = cls.check_config(config)
         names = {f.name for f in dataclasses.fields(cls.config_class)}
+        hints = typing.get_type_hints(cls.config_class)
+        for key in sorted(names & config.keys()):
+            if is_plain(hints[key]):  # records such as latent_stats check themselves
+                check_value(key, config[key], hints[key])
         fields = cls.config_class(**{k: v for k, v in config.items() if k in names})
         return fields, {k: v for k, v in config.items() if k not in names}
 
@@ -149,7 +155,11 @@ class PretrainedModel(nn.Module):
         try:
             ignored = load_weights(model, read_weights(folder), str(src), assign=True)
         except ValueError as err:
-            # A misspelt field is kept as an unused key and the default built instead: name the suspects.
+            # A misspelt or missing field builds the default instead: name the suspects.
             unused = model.unused_config_keys
-            raise ValueError(f"{err}" + (f" (config keys ctok does not use: {unused})" if unused else "")) from None
+            defaulted = sorted(f.name for f in dataclasses.fields(cls.config_class)
+                               if f.name not in config and f.default is not None)  # None: an optional record
+            raise ValueError(f"{err}" + (f" (config keys ctok does not use: {unused})" if unused else "")
+                             + (f" (fields config.json does not set, built with ctok's defaults: {defaulted})"
+                                if defaulted else "")) from None
         return model.to(device).eval(), LoadReport(str(src), folder, ignored, model.unused_config_keys)

@@ -7,6 +7,10 @@
   logit per token. The logits of all levels are concatenated: (B, 5 x tokens).
 * :class:`PatchGANDiscriminator`: the pix2pix / taming-transformers convolutional patch critic.
 
+The DINO discriminator reads images larger than its input size (224 px) as the original does:
+each call, with probability 1/2, one random input-size window, the same for the whole batch;
+otherwise the whole image area-resized (:meth:`DinoDiscriminator.random_view`).
+
 Batch norm here normalises over the *global* batch: under torch.distributed the statistics are
 summed over processes with a differentiable all-reduce (what SyncBatchNorm does on GPUs, but on
 any backend), so N processes train the discriminator exactly as one process with the whole batch.
@@ -14,17 +18,15 @@ any backend), so N processes train the discriminator exactly as one process with
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ctok.models.teachers import freeze
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ctok.models.collectives import sum_over_processes
+from ctok.models.teachers import IMAGENET_MEAN, IMAGENET_STD, freeze
 
 
 class GlobalBatchNorm(nn.Module):
@@ -44,10 +46,7 @@ class GlobalBatchNorm(nn.Module):
         h = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics never in half precision
         count = torch.tensor([h.numel() / h.shape[1]], dtype=h.dtype, device=h.device)
         stats = torch.cat([h.sum(dims), h.square().sum(dims), count])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from torch.distributed.nn.functional import all_reduce
-
-            stats = all_reduce(stats)
+        stats = sum_over_processes(stats)
         c = x.shape[1]
         mean = stats[:c] / stats[-1]
         var = (stats[c:2 * c] / stats[-1] - mean.square()).clamp_min(0.0)
@@ -92,12 +91,14 @@ class DinoDiscriminator(nn.Module):
     """Trainable heads on a frozen DINO ViT (see the module docstring).
 
     ``backbone`` is a timm ViT with a class token (DINO ViT-S/16 in the recipes; any timm ViT for
-    tests). Images in [-1, 1] are resized to ``input_size`` (the ViT's own resolution), then
-    normalised with ImageNet statistics. ``key_blocks`` are 0-based block indices.
+    tests). Images in [-1, 1] are normalised with ImageNet statistics, then resized to
+    ``input_size`` (the ViT's own resolution): area averaging down, bicubic up. Training first
+    passes larger images through :meth:`random_view`, which crops one window with probability
+    ``crop_prob``. ``key_blocks`` are 0-based block indices.
     """
 
     def __init__(self, backbone: nn.Module, input_size: int = 224, key_blocks: tuple[int, ...] = (2, 5, 8, 11),
-                 kernel_size: int = 9):
+                 kernel_size: int = 9, crop_prob: float = 0.5):
         super().__init__()
         if backbone.num_prefix_tokens != 1:
             raise ValueError(f"the DINO discriminator needs a ViT with exactly a class token, "
@@ -105,8 +106,11 @@ class DinoDiscriminator(nn.Module):
         depth = len(backbone.blocks)
         if any(not 0 <= k < depth for k in key_blocks):
             raise ValueError(f"key_blocks {key_blocks} must lie in [0, {depth - 1}] for a {depth}-block backbone")
+        if not 0.0 <= crop_prob <= 1.0:
+            raise ValueError(f"crop_prob must lie in [0, 1], got {crop_prob}")
         self.backbone = freeze(backbone)
         self.input_size = input_size
+        self.crop_prob = crop_prob
         self.key_blocks = tuple(sorted(key_blocks))
         self.last_block = self.key_blocks[-1] if self.key_blocks else -1
         self.register_buffer("scale", 0.5 / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -120,6 +124,27 @@ class DinoDiscriminator(nn.Module):
         super().train(mode)
         self.backbone.eval()
         return self
+
+    def random_view(self, images: torch.Tensor, shared_rand: Callable[..., torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+        """With probability ``crop_prob`` one ``input_size`` window of images larger than that, at a
+        random place, the same window for every image of the batch; otherwise ``images`` unchanged
+        (the forward pass then area-resizes them, after normalising, as the original does).
+
+        ``shared_rand(n)`` gives n uniform numbers shared by the whole batch (training passes
+        :meth:`ctok.training.sharding.BatchRandom.shared_rand`, so every process crops the same
+        window); None: torch's global generator. Images not larger than ``input_size`` on both
+        sides pass unchanged and draw nothing.
+        """
+        h, w = images.shape[-2:]
+        s = self.input_size
+        if h <= s or w <= s:
+            return images
+        u = shared_rand(3) if shared_rand is not None else torch.rand(3)
+        if float(u[0]) >= self.crop_prob:
+            return images
+        top, left = int(u[1] * (h - s + 1)), int(u[2] * (w - s + 1))
+        return images[..., top:top + s, left:left + s]
 
     def token_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, width, tokens) per level: patch tokens plus the class token, before and after key blocks."""
@@ -169,3 +194,12 @@ class PatchGANDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.main(images)
+
+
+def training_view(discriminator: nn.Module, images: torch.Tensor,
+                  shared_rand: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """What ``discriminator`` is shown of ``images`` in training: a :class:`DinoDiscriminator`'s
+    :meth:`~DinoDiscriminator.random_view`; any other discriminator reads the images whole."""
+    if isinstance(discriminator, DinoDiscriminator):
+        return discriminator.random_view(images, shared_rand)
+    return images

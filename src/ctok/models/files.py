@@ -67,10 +67,19 @@ def weights_file(folder: Path) -> Path:
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The state dict in a checkpoint folder, on the CPU (a .bin is read with ``weights_only=True``)."""
     path = weights_file(folder)
-    if path.name == WEIGHTS_NAME:
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        if path.name == WEIGHTS_NAME:
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors' and torch's errors for a truncated, foreign or damaged file
+        kind = "a safetensors file" if path.name == WEIGHTS_NAME else "a PyTorch state dict"
+        raise ValueError(f"{path} ({path.stat().st_size:,} bytes) is not {kind} that can be read, probably "
+                         f"truncated or of another format ({type(err).__name__}: {' '.join(str(err).split())}); "
+                         "download or copy it again") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, assign: bool = False) -> list[str]:

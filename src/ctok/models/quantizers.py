@@ -8,6 +8,14 @@ with codebook C_g. With tokens and codewords L2-normalised,
 The codebook is detached inside the logits, so it learns only through z_q. Training adds an
 entropy loss that asks each token to be confident (low per-sample entropy) while the batch uses
 many codes (high entropy of the average assignment).
+
+Under torchrun the average assignment, and the code-usage history, span every process's share of
+the batch (:mod:`ctok.models.collectives`), so N processes train like one with the whole batch.
+With gradient accumulation the average spans one forward pass, i.e. one micro-batch of every
+process (global batch / grad_accum images), as the original computes it per forward: the
+average over all micro-batches of a step would need every micro-batch's assignments before the
+first backward, hence all their graphs held at once, which accumulation is there to avoid. So
+1 process x batch b x 2 accumulation steps trains slightly differently from batch 2b at once.
 """
 from __future__ import annotations
 
@@ -17,18 +25,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ctok.models.collectives import gather_over_processes, sum_over_processes
+
 USAGE_HISTORY = 65536  # argmax codes remembered per codebook for the usage statistic
 
 
 def entropy_loss(logits: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
     """Mean per-row entropy minus the entropy of the mean distribution, at ``temperature``.
 
-    ``logits`` (rows, K). Minimising it makes each assignment sharp and the average one flat.
+    ``logits`` (..., K), every leading position a row. Minimising it makes each assignment sharp
+    and the average one flat. The average is taken over the rows of every process (see the module
+    docstring); the per-row mean stays local, as every other loss term of a process does, and
+    DistributedDataParallel's gradient average makes it the global one.
     """
     scaled = logits.reshape(-1, logits.shape[-1]) / temperature
     probs = F.softmax(scaled, dim=-1)
     sample_entropy = -(probs * F.log_softmax(scaled, dim=-1)).sum(-1).mean()
-    avg = probs.mean(0)
+    rows = probs.new_tensor([probs.shape[0]])
+    totals = sum_over_processes(torch.cat([probs.sum(0), rows]))
+    avg = totals[:-1] / totals[-1]
     avg_entropy = -(avg * torch.log(avg + 1e-6)).sum()
     return sample_entropy - avg_entropy
 
@@ -76,7 +91,9 @@ class SoftVectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _track_usage(self, codes: torch.Tensor) -> float:
-        """Append this batch's codes (G, M) to the history; return the share of codes seen in it."""
+        """Append this batch's codes (G, M), of every process in rank order, to the history; return
+        the share of codes seen in it. Every replica keeps the history one process would."""
+        codes = gather_over_processes(codes, dim=1)
         keep = min(codes.shape[1], USAGE_HISTORY)
         self.codebook_used.copy_(torch.cat([self.codebook_used, codes[:, -keep:].float()], dim=1)[:, -USAGE_HISTORY:])
         seen = [torch.unique(row).numel() / self.codebook_size for row in self.codebook_used]

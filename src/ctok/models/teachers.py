@@ -34,6 +34,12 @@ ALEXNET = "alexnet"
 _TORCHVISION_URLS = {VGG16: "https://download.pytorch.org/models/vgg16-397923af.pth",
                      ALEXNET: "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"}
 _TORCHVISION_NAMES = {VGG16: "VGG16", ALEXNET: "AlexNet"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Input statistics a feature teacher can be fed with, by name. MAETok's training code feeds its
+# SigLIP teacher ImageNet-normalised images, not SigLIP's own 0.5 / 0.5, so the released weights
+# learned to predict the features of that input; "siglip" feeds SigLIP what it was trained on.
+INPUT_STATISTICS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "siglip": ((0.5,) * 3, (0.5,) * 3)}
 
 
 @dataclass(frozen=True)
@@ -142,17 +148,23 @@ def freeze(module: nn.Module) -> nn.Module:
 class FrozenViTFeatures(nn.Module):
     """Patch features (B, P, D) of a frozen timm ViT, for images in [-1, 1].
 
-    Images are mapped to the network's own input normalisation (ImageNet statistics for DINOv2,
-    [-1, 1] for SigLIP); prefix tokens (class, registers) are dropped. It stays in eval mode.
+    Images are mapped to [0, 1] and normalised with the statistics named by ``normalization``
+    (a key of :data:`INPUT_STATISTICS`), or with the network's own (timm's pretrained config)
+    when it is None. Prefix tokens (class, registers) are dropped. It stays in eval mode.
     """
 
-    def __init__(self, vit: nn.Module):
+    def __init__(self, vit: nn.Module, normalization: str | None = None):
         super().__init__()
+        if normalization is None:
+            mean, std = vit.pretrained_cfg.get("mean", (0.5,) * 3), vit.pretrained_cfg.get("std", (0.5,) * 3)
+        elif normalization in INPUT_STATISTICS:
+            mean, std = INPUT_STATISTICS[normalization]
+        else:
+            raise ValueError(f"teacher input normalization must be one of {sorted(INPUT_STATISTICS)}, "
+                             f"got {normalization!r}")
         self.vit = freeze(vit)
-        mean = torch.tensor(vit.pretrained_cfg.get("mean", (0.5, 0.5, 0.5)))
-        std = torch.tensor(vit.pretrained_cfg.get("std", (0.5, 0.5, 0.5)))
-        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def feature_dim(self) -> int:
@@ -171,9 +183,12 @@ class FrozenViTFeatures(nn.Module):
         return self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
 
 
-def feature_teacher(model: str, *, image_size: int, patch_size: int = 16, weights: Path | None) -> FrozenViTFeatures:
-    """A frozen feature teacher (``weights`` None: random, for tests)."""
-    return FrozenViTFeatures(create_vit(model, image_size=image_size, patch_size=patch_size, weights=weights))
+def feature_teacher(model: str, *, image_size: int, patch_size: int = 16, weights: Path | None,
+                    normalization: str | None = None) -> FrozenViTFeatures:
+    """A frozen feature teacher (``weights`` None: random, for tests); ``normalization`` as in
+    :class:`FrozenViTFeatures`."""
+    return FrozenViTFeatures(create_vit(model, image_size=image_size, patch_size=patch_size, weights=weights),
+                             normalization)
 
 
 def torchvision_trunk(model: str, weights: Path | None) -> nn.Sequential:

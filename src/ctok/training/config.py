@@ -12,14 +12,14 @@ are read as YAML scalars::
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar, Union
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
 from ctok.atomic_files import atomic_write
+from ctok.config_types import check_value
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -90,7 +90,7 @@ def build_config(schema: type[T], tree: dict, where: str = "") -> T:
         if dataclasses.is_dataclass(kind):
             values[name] = build_config(kind, tree.get(name) or {}, key)
         elif name in tree:
-            values[name] = _check_value(key, tree[name], kind)
+            values[name] = check_value(key, tree[name], kind, text_numbers=True)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ValueError(f"config key {key!r} is required")
     return schema(**values)
@@ -117,59 +117,6 @@ def _plain(value: Any) -> Any:
 
 def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
-
-
-def _check_value(key: str, value: Any, kind: Any) -> Any:
-    origin = typing.get_origin(kind)
-    args = typing.get_args(kind)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _check_value(key, value, option)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(errors[0] if len(errors) == 1 else f"config key {key!r}: {value!r} fits none of {args}")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"config key {key!r} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key!r} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ValueError(f"config key {key!r} must have {len(args)} entries, got {len(value)}")
-            return tuple(_check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        return origin(_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value))
-    if kind is Any:
-        return value
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
-        return value
-    if kind is float:
-        # YAML 1.1 reads 1e-4 (no dot) as a string; accept it, since that is how people write rates.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"config key {key!r} must be a number, got {value!r}")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ValueError(f"config key {key!r} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"config schema type {kind!r} of {key!r} is not supported")
 
 
 def add_config_arguments(parser) -> None:

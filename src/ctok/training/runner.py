@@ -46,6 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ctok.atomic_files import save_image_grid
+from ctok.data.images import usable_workers
+from ctok.locking import folder_lock
 from ctok.training.checkpoint import (
     capture_rng_state,
     check_resumable,
@@ -175,6 +177,10 @@ class Runner:
         """
         if "model" not in self.members:
             raise ValueError("no model is registered: call Runner.add_model before fit")
+        with folder_lock(self.run_dir, hold=self.ctx.is_main):
+            self._fit(task, dataset, usable_workers(num_workers), collate_fn)
+
+    def _fit(self, task: TrainingTask, dataset: Dataset, num_workers: int, collate_fn) -> None:
         start = self._load_resume_checkpoint()
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

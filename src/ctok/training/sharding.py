@@ -9,7 +9,8 @@ continues exactly where the killed one stopped:
   its own slice. Its whole state is (seed, step), stored in every checkpoint.
 * the random numbers drawn per sample (noise, time, label dropout, flips): :class:`BatchRandom`
   draws them for the whole global batch from a generator seeded by (seed, step, draw number) and
-  hands each process its slice, so sample i gets the same noise whichever process holds it.
+  hands each process its slice, so sample i gets the same noise whichever process holds it; a
+  draw for the whole batch (one crop window) is the same in every process.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class BatchSplit:
     rank: int
 
     def __post_init__(self):
+        if self.global_batch < 1:
+            raise ValueError(f"data.batch_size (the global batch) must be at least 1, got {self.global_batch}")
         parts = self.grad_accum * self.world_size
         if self.global_batch % parts:
             raise ValueError(
@@ -111,10 +114,10 @@ class BatchRandom:
         self._rows = slice(split.offset(micro_step), split.offset(micro_step) + split.micro_batch)
         self._draws = 0
 
-    def _generator(self) -> torch.Generator:
+    def _generator(self, device: torch.device | None = None) -> torch.Generator:
         seed = derived_seed(self.seed, _DRAW_STREAM, self.step, self._draws)
         self._draws += 1
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=device or self.device).manual_seed(seed)
 
     def rand(self, *shape: int) -> torch.Tensor:
         """Uniform in [0, 1)."""
@@ -125,6 +128,12 @@ class BatchRandom:
         """Standard normal."""
         g = self._generator()
         return torch.randn(self.split.global_batch, *shape, generator=g, device=self.device)[self._rows]
+
+    def shared_rand(self, *shape: int) -> torch.Tensor:
+        """Uniform in [0, 1), one draw of ``shape`` for the whole global batch: the same numbers in
+        every process and every micro-step of the step. On the CPU whatever the device: these are
+        few numbers that steer Python code (a crop window), which would otherwise wait on the GPU."""
+        return torch.rand(*shape, generator=self._generator(torch.device("cpu")))
 
     def randint(self, high: int, *shape: int) -> torch.Tensor:
         """Integers in [0, high)."""

@@ -11,8 +11,10 @@ One step, for a batch of images x in [-1, 1] (mirrored per sample when ``data.fl
     L_D =   w_gan (L_disc(D(A(x)), D(A(x̂))) + w_lecam R_LeCAM)  +  w_cr L_cr  (from gan.start_step)
 
 ``w_p`` ramps linearly over ``loss.perceptual_warmup`` steps; ``λ`` is the adaptive weight
-``||∇L_nll|| / ||∇L_gen||`` at the decoder's last layer; ``A`` is DiffAugment. Scaling the
-discriminator loss by ``w_gan`` while the consistency term is not follows the original code.
+``||∇L_nll|| / ||∇L_gen||`` at the decoder's last layer; ``A`` is DiffAugment; the DINO ``D``
+reads images larger than its 224 px input through a random view (one crop window or an area
+resize, see :func:`judge`). Scaling the discriminator loss by ``w_gan`` while the consistency
+term is not follows the original code.
 The mask ratio follows the published distribution in stage one and is annealed to 0 in MAETok's
 decoder fine-tuning stage, which starts from a stage-one export (``init.tokenizer``) with the
 encoder frozen and no auxiliary decoders.
@@ -22,9 +24,11 @@ EMA, checkpoints, logs) is :class:`ctok.training.runner.Runner`'s; this module p
 The config schema lives in :mod:`ctok.training.tokenizer_config`, the building of the networks in
 :mod:`ctok.training.tokenizer_setup`. Every random number a step uses is drawn per sample from the
 step's :class:`BatchRandom` (or, for the per-step mask ratio, from a generator seeded by (seed,
-step)), and every batch statistic (batch norm in the discriminator, LeCAM anchors, the adaptive
-weight) spans all processes, so N processes train like one process with the whole batch. Random
-crops (``data.crop: random``) are the exception: the dataset draws them in each process.
+step); for the discriminator's crop windows, from the step's draws shared by the whole batch),
+and every batch statistic (batch norm in the discriminator, LeCAM anchors, the adaptive weight,
+SoftVQ's average code assignment) spans all processes, so N processes train like one process
+with the whole batch. Random crops (``data.crop: random``) are the exception: the dataset draws
+them in each process.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from ctok.losses.consistency import consistency_loss, strong_augment
 from ctok.losses.diffaugment import DiffAugment, Uniform
 from ctok.losses.perceptual import LPIPSLoss, perceptual_weight_at
 from ctok.models.auxiliary_decoders import AuxiliaryDecoders
+from ctok.models.discriminators import training_view
 from ctok.models.teachers import FrozenViTFeatures, locate_all
 from ctok.models.tokenizer import Tokenizer, TrainingOutput
 from ctok.training.config import config_to_dict
@@ -107,14 +112,22 @@ class DiscriminatorObjective(nn.Module):
         self.augment = DiffAugment() if diffaugment else None
         self.strong_augment = strong_augment()
 
-    def forward(self, real: torch.Tensor, fake: torch.Tensor, rand: Uniform,
-                gan_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_D of a micro-batch (real images, reconstructions; both detached here) and its terms for the log."""
+    def forward(self, real: torch.Tensor, fake: torch.Tensor, rand: Uniform, gan_weight: float,
+                shared_rand: Uniform | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_D of a micro-batch (real images, reconstructions; both detached here) and its terms for the log.
+
+        ``rand`` gives the per-sample draws (DiffAugment), ``shared_rand`` the whole batch's (the
+        DINO discriminator's crop window; see :func:`judge`).
+        """
         real, fake = real.detach(), fake.detach()
+
+        def critic(images: torch.Tensor) -> torch.Tensor:
+            return judge(self.discriminator, images, shared_rand)
+
         seen_real = self.augment(real, rand) if self.augment else real
         seen_fake = self.augment(fake, rand) if self.augment else fake
-        logits_real = self.discriminator(seen_real)
-        logits_fake = self.discriminator(seen_fake)
+        logits_real = critic(seen_real)
+        logits_fake = critic(seen_fake)
         loss = self.loss(logits_real, logits_fake)
         logs = {"disc/logits_real": logits_real.detach().mean(), "disc/logits_fake": logits_fake.detach().mean(),
                 "disc/adversarial": loss.detach()}
@@ -125,10 +138,21 @@ class DiscriminatorObjective(nn.Module):
             logs["disc/lecam"] = lecam.detach()
         loss = gan_weight * loss
         if self.consistency_weight > 0:
-            cr = consistency_loss(self.discriminator, real, fake, logits_real, logits_fake, self.strong_augment, rand)
+            cr = consistency_loss(critic, real, fake, logits_real, logits_fake, self.strong_augment, rand)
             loss = loss + self.consistency_weight * cr
             logs["disc/consistency"] = cr.detach()
         return loss, logs
+
+
+def judge(discriminator: nn.Module, images: torch.Tensor, shared_rand: Uniform | None) -> torch.Tensor:
+    """The discriminator's logits for ``images``, on its training view of them.
+
+    Every call draws its own view: the original's DINO discriminator decides crop or resize, and
+    the crop window, inside each forward pass, so its real, fake, generator and consistency passes
+    each see their own window (one window per call, shared by the images of that call). The draws
+    come from the step's shared stream, so every process and every micro-step crops alike.
+    """
+    return discriminator(training_view(discriminator, images, shared_rand))
 
 
 # -- the task --------------------------------------------------------------------------------
@@ -173,11 +197,11 @@ class TokenizerTask:
         gan_weight = gan_weight_at(step, self.cfg.gan.weight, self.cfg.gan.start_step)
         if self.discriminator is None or gan_weight <= 0:
             return StepLosses(model=model_loss, discriminator=None, logs=logs)
-        adversarial, terms = self._adversarial_term(nll, rec, rand, gan_weight)
+        adversarial, terms = self._adversarial_term(nll, rec, rand, rng, gan_weight)
         logs.update(terms)
 
         # Discriminator phase: L_D on the real images and the (detached) reconstructions.
-        disc_loss, terms = self.discriminator.wrapped(images, rec, rand, gan_weight)
+        disc_loss, terms = self.discriminator.wrapped(images, rec, rand, gan_weight, rng.shared_rand)
         return StepLosses(model=model_loss + adversarial, discriminator=disc_loss, logs={**logs, **terms})
 
     def _inputs(self, batch, step: int, rng: BatchRandom) -> tuple[torch.Tensor, Uniform, dict[str, torch.Tensor]]:
@@ -225,12 +249,12 @@ class TokenizerTask:
             logs[f"aux/{name}"] = value.detach()
         return loss, logs
 
-    def _adversarial_term(self, nll: torch.Tensor, rec: torch.Tensor, rand: Uniform,
+    def _adversarial_term(self, nll: torch.Tensor, rec: torch.Tensor, rand: Uniform, rng: BatchRandom,
                           gan_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """λ(step) w_gan L_gen(D(A(x̂))), judged by the plain discriminator (see TrainedModule)."""
         critic = self.discriminator.module.discriminator
         seen = self.gen_augment(rec, rand) if self.gen_augment else rec
-        g_loss = self.gen_loss(critic(seen))
+        g_loss = self.gen_loss(judge(critic, seen, rng.shared_rand))
         adaptive = (adaptive_generator_weight(nll, g_loss, self.tokenizer.last_layer)
                     if self.cfg.gan.adaptive_weight else torch.tensor(1.0))
         return adaptive * gan_weight * g_loss, {"gan/generator": g_loss.detach(), "gan/adaptive_weight": adaptive}

@@ -66,6 +66,9 @@ class GANSection:
     dino_model: str = DINO_DISCRIMINATOR
     dino_file: str | None = None
     dino_input_size: int = 224
+    # Larger images are shown to the DINO discriminator as one random dino_input_size window (the
+    # same for the whole batch) with this probability, else area-resized: the original's 0.5.
+    dino_crop_prob: float = 0.5
     dino_key_blocks: tuple[int, ...] = (2, 5, 8, 11)
     patchgan_width: int = 64
     patchgan_layers: int = 3
@@ -88,6 +91,9 @@ class TeachersSection:
     dinov2_file: str | None = None
     siglip: str = SIGLIP_TEACHER
     siglip_file: str | None = None
+    # The statistics SigLIP's input is normalised with (teachers.INPUT_STATISTICS): ImageNet's, as
+    # MAETok's training code does, or SigLIP's own 0.5 / 0.5. DINOv2 always gets ImageNet's, its own.
+    siglip_normalization: Literal["imagenet", "siglip"] = "imagenet"
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from ctok.features.hog import hog_feature_dim
 from ctok.hub import resolve
 from ctok.losses.alignment import alignment_projection
-from ctok.models.auxiliary_decoders import AuxiliaryDecoders
+from ctok.models.auxiliary_decoders import AuxiliaryDecoders, Positions
 from ctok.models.discriminators import DinoDiscriminator, PatchGANDiscriminator
 from ctok.models.files import load_weights, read_weights
 from ctok.models.teachers import (
@@ -76,7 +76,8 @@ def build_discriminator(gan: GANSection, weights: Path | None) -> nn.Module:
     if gan.discriminator == "patchgan":
         return PatchGANDiscriminator(width=gan.patchgan_width, num_layers=gan.patchgan_layers)
     backbone = create_vit(gan.dino_model, image_size=gan.dino_input_size, patch_size=16, weights=weights)
-    return DinoDiscriminator(backbone, input_size=gan.dino_input_size, key_blocks=tuple(gan.dino_key_blocks))
+    return DinoDiscriminator(backbone, input_size=gan.dino_input_size, key_blocks=tuple(gan.dino_key_blocks),
+                             crop_prob=gan.dino_crop_prob)
 
 
 def init_linear_xavier(module: nn.Module) -> None:
@@ -110,9 +111,12 @@ def build_tokenizer(cfg: TokenizerTrainConfig, tok_config: dict, found: dict[str
 
 def build_teachers(cfg: TokenizerTrainConfig, c: TokenizerConfig,
                    found: dict[str, Path]) -> dict[str, FrozenViTFeatures]:
-    """The frozen feature teachers, by name, at the tokenizer's resolution and patch size."""
+    """The frozen feature teachers, by name, at the tokenizer's resolution and patch size, fed
+    ImageNet-normalised images (SigLIP: ``teachers.siglip_normalization``)."""
+    normalization = {"dinov2": "imagenet", "siglip": cfg.teachers.siglip_normalization}
     return {name: feature_teacher(getattr(cfg.teachers, name), image_size=c.image_size,
-                                  patch_size=c.enc_patch_size, weights=found.get(f"{name} teacher"))
+                                  patch_size=c.enc_patch_size, weights=found.get(f"{name} teacher"),
+                                  normalization=normalization[name])
             for name in teachers_needed(cfg)}
 
 
@@ -130,5 +134,13 @@ def build_heads(cfg: TokenizerTrainConfig, c: TokenizerConfig, teachers: dict[st
         auxiliary = AuxiliaryDecoders(targets, image_size=c.image_size, patch_size=c.enc_patch_size,
                                       num_latent_tokens=c.num_latent_tokens, latent_dim=c.codebook_embed_dim,
                                       width=cfg.auxiliary.width, depth=cfg.auxiliary.depth,
-                                      num_heads=cfg.auxiliary.num_heads)
+                                      num_heads=cfg.auxiliary.num_heads, positions=decoder_positions(c))
     return projection, auxiliary
+
+
+def decoder_positions(c: TokenizerConfig) -> Positions:
+    """The position encoding of the tokenizer's decoder, for the auxiliary decoders: with ``use_rope``
+    RoPE-Mixed replaces the absolute table (the rule :class:`ctok.models.tokenizer.Tokenizer` builds
+    its decoder by), and the class token follows ``dec_cls_token``."""
+    return Positions(class_token=c.dec_cls_token, use_ape=not c.use_rope,
+                     rope_theta=c.rope_theta if c.use_rope else None, base_image_size=c.base_image_size)
