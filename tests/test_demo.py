@@ -113,9 +113,13 @@ def test_quick_ablation_compares_the_two_arms_and_resumes(synthetic_fashion_mnis
         with Image.open(folder / png) as image:
             image.load()
             assert image.width > 100 and image.height > 100, png
-    plain_config = json.loads((out / "ablation" / "plain-ae" / "tokenizer" / "config.json").read_text())
-    assert plain_config["enc_token_drop"] == 0.0
-    assert not any(p.name.startswith("aux") for p in (out / "ablation" / "plain-ae" / "tokenizer").iterdir())
+    plain_run = out / "ablation" / "plain-ae" / "runs" / "tokenizer"
+    assert json.loads((plain_run / "final" / "config.json").read_text())["enc_token_drop"] == 0.0
+    logged = {k for line in (plain_run / "log.jsonl").read_text().splitlines() for k in json.loads(line)}
+    maetok_logged = {k for line in (out / "runs" / "tokenizer" / "log.jsonl").read_text().splitlines()
+                     for k in json.loads(line)}
+    assert {"aux/hog", "mask_ratio"} <= maetok_logged and not {"aux/hog", "mask_ratio"} & logged
+    assert "eval/gmm_nll_k4" in logged  # the dashboard watched both arms
     page = (out / "report.html").read_text()
     assert "Ablation: MAETok against a plain autoencoder" in page
     # The demo's 4 figures, the analysis plots, the SiT losses, and each arm's latent dashboard.
