@@ -26,12 +26,14 @@ def test_quick_demo_end_to_end(synthetic_fashion_mnist, tmp_path, capsys):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert 0 <= metrics["class_accuracy"] <= 1
 
-    for png in ("reconstructions.png", "samples_by_class.png", "loss_curves.png"):
+    for png in ("reconstructions.png", "samples_by_class.png", "loss_curves.png", "runs/tokenizer/dashboard.png"):
         with Image.open(out / png) as image:
             image.load()
             assert image.width > 32 and image.height > 32, png
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "Generation FID" in page
+    assert page.count("data:image/png;base64,") == 4 and "Generation FID" in page
+    dashboard = [json.loads(line) for line in (out / "runs" / "tokenizer" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in dashboard if "eval/gmm_nll_k4" in r] == list(range(5, QUICK.tokenizer_steps + 1, 5))
 
     samples = np.load(out / "samples" / "samples.npz")["arr_0"]
     assert samples.shape == (QUICK.num_images, 32, 32, 3) and samples.dtype == np.uint8
@@ -83,3 +85,48 @@ def test_the_committed_real_run_meets_the_targets_the_readme_states():
     }
     for key, text in printed.items():
         assert re.search(re.escape(text), table[:1500]), f"README's demo table does not show {key} = {text}"
+
+
+@pytest.mark.slow
+def test_quick_ablation_compares_the_two_arms_and_resumes(synthetic_fashion_mnist, tmp_path, capsys):
+    """``ctok demo --ablation``: both arms' metrics side by side, the latent analysis of both caches,
+    the SiT loss curves, the report's section; the plain arm really has no mask token and no HOG
+    decoder; a rerun redoes nothing."""
+    from ctok.demo.ablation import ARMS, COMPARED
+
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--ablation", "--out", str(out), "--data", str(synthetic_fashion_mnist)]
+    assert main(args) == 0
+    folder = out / "ablation"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert list(metrics["arms"]) == list(ARMS)
+    for arm in metrics["arms"].values():
+        for key in (*COMPARED, "gmm_nll_k1", "gmm_nll_k16", "probe_mean_pooled", "probe_flattened",
+                    "sit_final_loss_mean_last_5_logs"):
+            assert isinstance(arm[key], float) and math.isfinite(arm[key]), key
+    # The arms differ: the MAETok's numbers are the default demo's, the plain arm's its own.
+    assert metrics["arms"]["MAETok"]["gfid"] == json.loads((out / "metrics.json").read_text())["gfid"]
+    assert metrics["arms"]["MAETok"]["test_psnr_db"] != metrics["arms"]["plain AE"]["test_psnr_db"]
+    analysis = json.loads((folder / "analysis.json").read_text())
+    assert set(analysis["analyses"]) == set(ARMS)
+    for png in (*analysis["plots"], "sit_loss.png"):
+        with Image.open(folder / png) as image:
+            image.load()
+            assert image.width > 100 and image.height > 100, png
+    plain_run = out / "ablation" / "plain-ae" / "runs" / "tokenizer"
+    assert json.loads((plain_run / "final" / "config.json").read_text())["enc_token_drop"] == 0.0
+    logged = {k for line in (plain_run / "log.jsonl").read_text().splitlines() for k in json.loads(line)}
+    maetok_logged = {k for line in (out / "runs" / "tokenizer" / "log.jsonl").read_text().splitlines()
+                     for k in json.loads(line)}
+    assert {"aux/hog", "mask_ratio"} <= maetok_logged and not {"aux/hog", "mask_ratio"} & logged
+    assert "eval/gmm_nll_k4" in logged  # the dashboard watched both arms
+    page = (out / "report.html").read_text()
+    assert "Ablation: MAETok against a plain autoencoder" in page
+    # The demo's 4 figures, the analysis plots, the SiT losses, and each arm's latent dashboard.
+    assert page.count("data:image/png;base64,") == 4 + len(analysis["plots"]) + 1 + 2
+
+    capsys.readouterr()
+    assert main(args) == 0
+    log = capsys.readouterr()
+    assert "done before" in log.out + log.err and "Stage 3/8" in log.out + log.err
+    assert json.loads((folder / "analysis.json").read_text()) == analysis

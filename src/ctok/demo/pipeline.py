@@ -9,6 +9,9 @@
     7. evaluate    generation FID and class accuracy with the packaged Fashion-MNIST classifier
     8. report      report.html, metrics.json, PNGs
 
+``--ablation`` adds :mod:`ctok.demo.ablation` (the same stages for a plain autoencoder, then the
+comparison) as a section of the same report.
+
 A stage whose outputs exist is skipped; the trainers and ``generate`` continue an interrupted run
 from their own checkpoints, so running the demo again after an interruption picks up where it was.
 """
@@ -61,10 +64,16 @@ def say(message: str) -> None:
 
 
 class Demo:
-    def __init__(self, out: Path, data: str | None, settings: DemoSettings):
+    """The demo's stages in folder ``out``; ``tokenizer_overrides`` (``key=value``) change the
+    demo-maetok recipe (the ablation's plain autoencoder), ``title`` names that tokenizer in the log."""
+
+    def __init__(self, out: Path, data: str | None, settings: DemoSettings, *, title: str = "a small MAETok",
+                 tokenizer_overrides: tuple[str, ...] = ()):
         self.out = Path(out)
         self.settings = settings
         self.data_arg = data
+        self.title = title
+        self.tokenizer_overrides = tokenizer_overrides
         self.metrics_path = self.out / "metrics.json"
         self.metrics: dict = json.loads(self.metrics_path.read_text()) if self.metrics_path.exists() else {}
 
@@ -119,11 +128,14 @@ class Demo:
 
     def tokenizer(self) -> None:
         s = self.settings
-        say(f"Stage 2/8 tokenizer: training a small MAETok for {s.tokenizer_steps} steps (mask modelling on, "
-            f"its ratio annealed from 60% to 0 over the first half)")
+        detail = ("with " + ", ".join(self.tokenizer_overrides) if self.tokenizer_overrides
+                  else "mask modelling on, its ratio annealed from 60% to 0 over the first half")
+        say(f"Stage 2/8 tokenizer: training {self.title} for {s.tokenizer_steps} steps ({detail})")
         self.tokenizer_dir = self.train("tokenizer", "demo-maetok", "tokenizer", s.tokenizer_steps,
                                         s.tokenizer_batch, f"data.images={self.fmnist}",
-                                        f"masking.anneal_steps={max(1, s.tokenizer_steps // 2)}")
+                                        f"masking.anneal_steps={max(1, s.tokenizer_steps // 2)}",
+                                        f"eval.every={max(1, s.tokenizer_steps // 8)}",
+                                        *self.tokenizer_overrides)
 
     def reconstruct(self) -> None:
         from ctok.loading import load_tokenizer
@@ -239,7 +251,14 @@ class Demo:
                    f"class accuracy {self.metrics['class_accuracy']:.1%} with guidance, "
                    f"{self.metrics['class_accuracy_no_guidance']:.1%} without")
 
-    def report(self) -> Path:
+    def run_stages(self) -> None:
+        """Stages 1-7 (all but the report), each skipped when its outputs exist."""
+        for stage in (self.data, self.tokenizer, self.reconstruct, self.latents, self.generator, self.generate,
+                      self.evaluate):
+            stage()
+
+    def report(self, extra_html: str = "") -> Path:
+        """report.html with the figures; ``extra_html``: further sections (the ablation's)."""
         from ctok.demo.report import plot_losses, write_report
 
         say("Stage 8/8 report")
@@ -252,8 +271,12 @@ class Demo:
             ("Generated samples", self.out / "samples_by_class.png",
              f"one row per class (T-shirt ... ankle boot), guidance scale {self.settings.cfg_scale}"),
             ("Loss curves", curves, "training losses of the tokenizer and of the SiT (log scale)"),
+            ("Latent dashboard", self.out / "runs" / "tokenizer" / "dashboard.png",
+             "the EMA tokenizer on held-out test images during training: PSNR, rFID, GMM NLL per dimension "
+             "at K components, linear-probe accuracy"),
         ]
-        return write_report(self.out, {**self.metrics, "targets": TARGETS}, figures, asdict(self.settings))
+        return write_report(self.out, {**self.metrics, "targets": TARGETS}, figures, asdict(self.settings),
+                            extra_html=extra_html)
 
 
 def _nchw(images: np.ndarray) -> torch.Tensor:
@@ -288,7 +311,9 @@ def _class_rows(npz: Path, path: Path, per_class: int) -> None:
     save_png(path, _tile(images, [(i % 10, i // 10) for i in range(len(images))], 10, per_class), scale=3)
 
 
-def run_demo(out: str | Path, data: str | None = None, quick: bool = False) -> Path:
+def run_demo(out: str | Path, data: str | None = None, quick: bool = False, ablation: bool = False) -> Path:
+    """The demo in folder ``out``; ``ablation``: also the plain-autoencoder arm and the comparison
+    (:mod:`ctok.demo.ablation`), as a section of the same report. Returns the report's path."""
     from ctok.models.fmnist_classifier import load_fmnist_classifier, packaged_record
 
     start = time.time()
@@ -297,10 +322,13 @@ def run_demo(out: str | Path, data: str | None = None, quick: bool = False) -> P
         demo.check_settings()
         demo.classifier = load_fmnist_classifier()
         demo.record(classifier_test_accuracy=packaged_record()["test_accuracy"])
-        for stage in (demo.data, demo.tokenizer, demo.reconstruct, demo.latents, demo.generator, demo.generate,
-                      demo.evaluate):
-            stage()
-        report = demo.report()
+        demo.run_stages()
+        extra = ""
+        if ablation:
+            from ctok.demo.ablation import run_ablation
+
+            extra = run_ablation(demo, quick)
+        report = demo.report(extra)
         for name in ("tokenizer", "generator"):  # the trained models, where a user looks for them
             src = demo.tokenizer_dir if name == "tokenizer" else demo.generator_dir
             shutil.copytree(src, demo.out / name, dirs_exist_ok=True)

@@ -60,6 +60,50 @@ def plot_losses(logs: dict[str, Path], out: Path) -> Path | None:
     return out
 
 
+def plot_loss_comparison(logs: dict[str, Path], out: Path, key: str = "loss") -> Path:
+    """The ``key`` term of several runs' log.jsonl on one axis (log scale), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, path in logs.items():
+        points = [(r["step"], r[key]) for r in _read_jsonl(path) if key in r]
+        ax.plot(*zip(*points), label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training {key}")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(out) as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+    return out
+
+
+def ablation_section(table: dict[str, dict], figures: list[tuple[Path, str]], overrides: list[str]) -> str:
+    """The report's ablation section: ``table`` (arm -> metric -> value) as one column per arm,
+    and the ``figures`` (png path, caption)."""
+    arms = list(table)
+    keys = list(dict.fromkeys(k for row in table.values() for k in row))
+    rows = "".join(f"<tr><td>{html.escape(METRIC_MEANINGS.get(k, (k,))[0])}</td>"
+                   + "".join(f"<td class=num>{_value(table[arm].get(k))}</td>" for arm in arms) + "</tr>"
+                   for k in keys)
+    header = "".join(f"<th>{html.escape(arm)}</th>" for arm in arms)
+    pictures = "".join(f"<figure><figcaption>{html.escape(caption)}</figcaption>{_img(path, caption)}</figure>"
+                       for path, caption in figures if path.exists())
+    return f"""<h2>Ablation: MAETok against a plain autoencoder</h2>
+<p>The same tokenizer recipe, budget and seed with mask modelling and the auxiliary decoders off
+(<code>{html.escape(' '.join(overrides))}</code>); the same SiT recipe on each arm's latents. GMM NLL:
+held-out negative log-likelihood per dimension (nats) of diagonal Gaussian mixtures with K components
+fitted to the normalised latents; probe: held-out linear-probe accuracy of the latents.</p>
+<table><tr><th>metric</th>{header}</tr>{rows}</table>
+{pictures}
+"""
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -77,8 +121,10 @@ def _value(v) -> str:
     return html.escape(str(v))
 
 
-def write_report(out: Path, metrics: dict, figures: list[tuple[str, Path, str]], settings: dict) -> Path:
-    """``figures``: (title, png path, caption). Returns the path of report.html."""
+def write_report(out: Path, metrics: dict, figures: list[tuple[str, Path, str]], settings: dict,
+                 extra_html: str = "") -> Path:
+    """``figures``: (title, png path, caption); ``extra_html``: sections after the figures (the
+    ablation's, :func:`ablation_section`). Returns the path of report.html."""
     rows = []
     for key, (label, meaning) in METRIC_MEANINGS.items():
         if key in metrics:
@@ -109,6 +155,7 @@ network (Inception features are meaningless on 32 x 32 grey clothing).</p>
 {''.join(rows)}
 </table>
 {''.join(sections)}
+{extra_html}
 <h2>Settings</h2>
 <pre>{html.escape(json.dumps(settings, indent=2))}</pre>
 </body></html>

@@ -214,6 +214,8 @@ class Runner:
                     log.log(done, means)
                     bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
                     sums, interval_steps, interval_start = {}, 0, time.perf_counter()
+                if getattr(task, "evaluates_at", None) and task.evaluates_at(done):  # before the checkpoint:
+                    self._evaluate(task, done, log)  # a run killed in between evaluates this step again
                 if done % self.run.ckpt_every == 0 or last:
                     self._save_checkpoint(done, sampler)
                 if (self.run.sample_every and done % self.run.sample_every == 0) or last:
@@ -321,6 +323,12 @@ class Runner:
                 "optimizers": {n: m.optimizer.state_dict() for n, m in self.members.items()},
             }
             save_checkpoint(state, self.checkpoint_dir, step, self.run.keep_last)
+        barrier()
+
+    def _evaluate(self, task: TrainingTask, step: int, log: RunLog) -> None:
+        """An optional task's held-out scores (the latent dashboard), on the main process; the others wait."""
+        if self.ctx.is_main:
+            log.log(step, task.evaluate(step))
         barrier()
 
     def _save_samples(self, task: TrainingTask, step: int, log: RunLog) -> None:

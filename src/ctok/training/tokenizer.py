@@ -32,6 +32,7 @@ them in each process.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,12 +53,13 @@ from ctok.models.discriminators import training_view
 from ctok.models.teachers import FrozenViTFeatures, locate_all
 from ctok.models.tokenizer import Tokenizer, TrainingOutput
 from ctok.training.config import config_to_dict
+from ctok.training.dashboard import LatentDashboard, build_dashboard
 from ctok.training.distributed import init_distributed, shutdown_distributed
 from ctok.training.masking import MaskSchedule, random_patch_mask
 from ctok.training.runner import Runner
 from ctok.training.sharding import BatchRandom
 from ctok.training.task import StepLosses, TrainedModule
-from ctok.training.tokenizer_config import TokenizerTrainConfig, check_options, tokenizer_config
+from ctok.training.tokenizer_config import EvalSection, TokenizerTrainConfig, check_options, tokenizer_config
 from ctok.training.tokenizer_setup import (
     build_discriminator,
     build_heads,
@@ -165,7 +167,7 @@ class TokenizerTask:
 
     def __init__(self, cfg: TokenizerTrainConfig, model: TrainedModule, discriminator: TrainedModule | None,
                  lpips: LPIPSLoss | None, teachers: dict[str, FrozenViTFeatures], masks: MaskSchedule | None,
-                 sample_images: torch.Tensor):
+                 sample_images: torch.Tensor, dashboard: LatentDashboard | None = None):
         self.cfg = cfg
         self.model = model
         self.tokenizer = model.module.tokenizer  # the plain network: its config, quantiser and last layer
@@ -176,6 +178,7 @@ class TokenizerTask:
         self.fixed_images = sample_images
         self.gen_loss = gan_losses(cfg.gan.loss)[1]
         self.gen_augment = DiffAugment() if cfg.gan.diffaugment else None
+        self.dashboard = dashboard  # on the main process only, where eval.every > 0
 
     def training_step(self, batch, step: int, rng: BatchRandom) -> StepLosses:
         """L_G, from gan.start_step L_D, and the logs of a micro-batch (terms named as in the module docstring)."""
@@ -279,6 +282,15 @@ class TokenizerTask:
         return torch.stack([x, rec], dim=1).flatten(0, 1)
 
 
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the runner calls :meth:`evaluate` after ``step`` (the same answer in every process)."""
+        return self.cfg.eval.every > 0 and step % self.cfg.eval.every == 0
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The latent dashboard's scores of the EMA tokenizer (main process only)."""
+        return self.dashboard.evaluate(self.model.ema.tokenizer, step)
+
+
 # -- the run ---------------------------------------------------------------------------------
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     """Train a tokenizer as ``cfg`` says; returns the folder of the exported EMA tokenizer."""
@@ -293,7 +305,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
 
     ctx = init_distributed(cfg.run.device)
     try:
-        runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size)
+        # The dashboard watches the run without changing it: it may be turned on, off or changed on resume.
+        runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
+                        free_on_resume=[f"eval.{f.name}" for f in dataclasses.fields(EvalSection)])
         # Built in this order: each builder that initialises weights draws from the global generator.
         tokenizer = build_tokenizer(cfg, tok_config, found)
         c = tokenizer.config
@@ -314,7 +328,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
             masks = MaskSchedule(c.enc_token_drop, c.enc_token_drop_max, schedule=cfg.masking.schedule,
                                  start=cfg.masking.anneal_from, steps=cfg.masking.anneal_steps)
         fixed = reference_images(dataset, cfg.samples.num_images).to(ctx.device)
-        task = TokenizerTask(cfg, model, discriminator, lpips, teachers, masks, fixed)
+        dashboard = build_dashboard(cfg, dataset, c.image_size) if ctx.is_main and cfg.eval.every else None
+        task = TokenizerTask(cfg, model, discriminator, lpips, teachers, masks, fixed, dashboard)
         if ctx.is_main:
             trainable = sum(p.numel() for p in training_model.parameters() if p.requires_grad)
             tqdm.write(f"{tokenizer.variant} tokenizer {c.num_latent_tokens} x {c.codebook_embed_dim} at "

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ctok.latent_analysis import QUICK_COMPONENTS
 from ctok.models.teachers import DINO_DISCRIMINATOR, DINOV2_TEACHER, SIGLIP_TEACHER
 from ctok.models.tokenizer import TokenizerConfig, preset_config
 from ctok.training.runner import EMASection, OptimSection, RunSection
@@ -137,6 +138,19 @@ class SamplesSection:
 
 
 @dataclass
+class EvalSection:
+    """``eval:`` the latent dashboard (:mod:`ctok.training.dashboard`): every ``every`` steps (0: off),
+    PSNR, rFID, GMM NLL and linear probe of the EMA tokenizer on ``images`` held-out images."""
+
+    every: int = 0
+    images: int = 256
+    data: str | None = None  # the held-out images; None: Fashion-MNIST's test split, or the last training images
+    # The rFID's feature network: the packaged Fashion-MNIST classifier (32 px images), or none (no rFID).
+    feature_network: Literal["none", "fmnist-classifier"] = "none"
+    components: list[int] = field(default_factory=lambda: list(QUICK_COMPONENTS))
+
+
+@dataclass
 class TokenizerTrainConfig:
     run: RunSection
     data: DataSection
@@ -151,6 +165,7 @@ class TokenizerTrainConfig:
     alignment: AlignmentSection = field(default_factory=AlignmentSection)
     masking: MaskingSection = field(default_factory=MaskingSection)
     samples: SamplesSection = field(default_factory=SamplesSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     # Build every pretrained network (teachers, discriminator backbone, LPIPS trunk, encoder
     # initialisation) with random weights instead: for tests and smoke runs only.
     random_init_pretrained: bool = False
@@ -187,4 +202,10 @@ def check_options(cfg: TokenizerTrainConfig, tok_config: TokenizerConfig) -> Non
         raise ValueError("masking.schedule=anneal needs a tokenizer with model.enc_token_drop > 0")
     if cfg.samples.num_images < 1:
         raise ValueError(f"samples.num_images must be at least 1, got {cfg.samples.num_images}")
+    if cfg.eval.every < 0 or cfg.eval.images < 10:
+        raise ValueError(f"eval.every must be >= 0 (0: no dashboard) and eval.images >= 10, got "
+                         f"{cfg.eval.every} and {cfg.eval.images}")
+    if cfg.eval.every and cfg.eval.feature_network == "fmnist-classifier" and tok_config.image_size != 32:
+        raise ValueError(f"eval.feature_network=fmnist-classifier reads 32 px images; this tokenizer makes "
+                         f"{tok_config.image_size} px ones: set eval.feature_network=none")
 
