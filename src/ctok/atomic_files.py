@@ -96,3 +96,14 @@ def weights_sha256(folder: str | os.PathLike) -> str:
         digest.update(path.name.encode())
         _hash_into(digest, path)
     return digest.hexdigest()
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as a PNG (laid out tightly, atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=dpi, format="png")
+    plt.close(fig)
+    return Path(path)

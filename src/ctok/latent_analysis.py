@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ctok.atomic_files import atomic_write, write_json
+from ctok.atomic_files import save_figure, write_json
 from ctok.latent_cache import LatentCache, LatentStatistics
 from ctok.models.diffusion_transformer import LatentStats
 from ctok.training.generator_data import stats_subset
@@ -443,16 +443,6 @@ def analyze_sample(sample: LatentSample, **settings) -> dict:
             **analyze_latents(sample.normalized(), sample.labels, **settings)}
 
 
-def _save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
-    return path
-
-
 def _plot_gmm(analyses: dict[str, dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -471,7 +461,7 @@ def _plot_gmm(analyses: dict[str, dict], out: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return [_save_figure(nll, out / "gmm_nll.png"), _save_figure(bic, out / "gmm_bic.png")]
+    return [save_figure(nll, out / "gmm_nll.png"), save_figure(bic, out / "gmm_bic.png")]
 
 
 def _plot_probe(analyses: dict[str, dict], out: Path) -> list[Path]:
@@ -491,7 +481,7 @@ def _plot_probe(analyses: dict[str, dict], out: Path) -> list[Path]:
     ax.set_ylim(0, 1)
     ax.set_ylabel("linear-probe accuracy (held out)")
     ax.legend(fontsize=7)
-    return [_save_figure(fig, out / "probe_accuracy.png")]
+    return [save_figure(fig, out / "probe_accuracy.png")]
 
 
 def _plot_spectrum(analyses: dict[str, dict], out: Path) -> list[Path]:
@@ -507,7 +497,7 @@ def _plot_spectrum(analyses: dict[str, dict], out: Path) -> list[Path]:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return [_save_figure(fig, out / "variance_spectrum.png")]
+    return [save_figure(fig, out / "variance_spectrum.png")]
 
 
 def plot_analyses(analyses: dict[str, dict], out: str | Path) -> list[Path]:

@@ -9,7 +9,7 @@ import html
 import json
 from pathlib import Path
 
-from ctok.atomic_files import atomic_write
+from ctok.atomic_files import atomic_write, save_figure
 
 # What each reported metric means, shown next to its value.
 METRIC_MEANINGS = {
@@ -53,11 +53,7 @@ def plot_losses(logs: dict[str, Path], out: Path) -> Path | None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_write(out) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_loss_comparison(logs: dict[str, Path], out: Path, key: str = "loss") -> Path:
@@ -76,11 +72,7 @@ def plot_loss_comparison(logs: dict[str, Path], out: Path, key: str = "loss") ->
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(out) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def ablation_section(table: dict[str, dict], figures: list[tuple[Path, str]], overrides: list[str]) -> str:

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from ctok.atomic_files import atomic_write
+from ctok.atomic_files import save_figure
 from ctok.training.checkpoint import capture_rng_state, restore_rng_state
 from ctok.uint8 import to_uint8
 
@@ -162,11 +162,7 @@ def plot_dashboard(log_path: Path, out: Path, latest: dict | None = None) -> Pat
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.tight_layout()
-    with atomic_write(out) as f:
-        fig.savefig(f, dpi=100, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def build_dashboard(cfg, train_images: Dataset, image_size: int) -> LatentDashboard:
