@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -126,20 +131,20 @@ def test_a_finished_run_rerun_is_a_no_op_for_generate_and_cache_latents(models, 
     assert "already holds this finished latent cache: nothing to do" in captured.out + captured.err
 
 
+def _noise_images(folder, count, seed):
+    """``count`` 64-px PNGs of seeded noise in ``folder``: slow enough to encode to interrupt a run."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
 @pytest.mark.slow
 def test_cache_latents_killed_mid_build_resumes_to_the_same_cache(models, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     tok, _ = models
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(48):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    images = _noise_images(tmp_path / "images", 48, seed=0)
 
     def argv(out):
         return ["cache-latents", "--tokenizer", str(tok), "--data", str(images), "--out", str(out), "--device", "cpu",
@@ -169,18 +174,12 @@ def test_cache_latents_killed_mid_build_resumes_to_the_same_cache(models, tmp_pa
 
 
 def _root_with_mount_namespaces() -> bool:
-    import os
-    import subprocess
-
     return os.geteuid() == 0 and subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _root_with_mount_namespaces(), reason="a small tmpfs needs root and a mount namespace")
 def test_a_really_full_disk_under_generate_exits_3_and_leaves_no_partial_file(conformance_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
 
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -201,18 +200,9 @@ def test_a_really_full_disk_under_generate_exits_3_and_leaves_no_partial_file(co
 
 @pytest.mark.slow
 def test_ctrl_c_under_cache_latents_is_one_line_and_the_rerun_finishes(models, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     tok, _ = models
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(64):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    images = _noise_images(tmp_path / "images", 64, seed=1)
     argv = ["cache-latents", "--tokenizer", str(tok), "--data", str(images), "--out", str(tmp_path / "c"),
             "--device", "cpu", "--num-workers", "0", "--shard-size", "4", "--batch-size", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
