@@ -334,6 +334,16 @@ def analyze_latents(latents, labels=None, *, components=DEFAULT_COMPONENTS, pca_
             "seconds": seconds}
 
 
+def summary_scores(analysis: dict) -> dict[str, float]:
+    """The scalar scores of an :func:`analyze_latents` result that runs are compared by: held-out GMM
+    NLL per dimension for each K (``gmm_nll_k<K>``) and, when the probe ran, its two held-out accuracies."""
+    scores = {f"gmm_nll_k{fit['components']}": fit["held_out_nll_per_dim"] for fit in analysis["gmm"]["fits"]}
+    if analysis["probe"] is not None:
+        scores["probe_mean_pooled"] = analysis["probe"]["mean_pooled"]["held_out_accuracy"]
+        scores["probe_flattened"] = analysis["probe"]["flattened"]["held_out_accuracy"]
+    return scores
+
+
 @dataclass(frozen=True)
 class LatentSample:
     """Latents to analyse, with the normalisation a generator trained on them would apply.

@@ -59,17 +59,15 @@ def analyse(arms: dict, folder: Path, quick: bool, seed: int) -> dict:
 
 def summarise(arms: dict, analysis: dict) -> dict[str, dict]:
     """Per arm: the demo metrics of :data:`COMPARED`, the held-out GMM NLL per K and the probe accuracies."""
+    from ctok.latent_analysis import summary_scores
+    from ctok.training.run_log import read_log
+
     table = {}
     for name, arm in arms.items():
         result = analysis["analyses"][name]
         row = {key: arm.metrics.get(key) for key in COMPARED}
-        for fit in result["gmm"]["fits"]:
-            row[f"gmm_nll_k{fit['components']}"] = fit["held_out_nll_per_dim"]
-        if result["probe"] is not None:
-            row["probe_mean_pooled"] = result["probe"]["mean_pooled"]["held_out_accuracy"]
-            row["probe_flattened"] = result["probe"]["flattened"]["held_out_accuracy"]
-        sit_log = arm.out / "runs" / "sit" / "log.jsonl"
-        losses = [json.loads(line)["loss"] for line in sit_log.read_text().splitlines() if line.strip()]
+        row.update(summary_scores(result))
+        losses = [record["loss"] for record in read_log(arm.out / "runs" / "sit" / "log.jsonl")]
         row["sit_final_loss_mean_last_5_logs"] = sum(losses[-5:]) / len(losses[-5:])
         table[name] = row
     return table

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from ctok.atomic_files import atomic_write, save_figure
+from ctok.training.run_log import read_log
 
 # What each reported metric means, shown next to its value.
 METRIC_MEANINGS = {
@@ -37,7 +38,7 @@ def plot_losses(logs: dict[str, Path], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {name: _read_jsonl(path) for name, path in logs.items() if path.exists()}
+    runs = {name: read_log(path) for name, path in logs.items() if path.exists()}
     runs = {name: records for name, records in runs.items() if records}
     if not runs:
         return None
@@ -65,7 +66,7 @@ def plot_loss_comparison(logs: dict[str, Path], out: Path, key: str = "loss") ->
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, path in logs.items():
-        points = [(r["step"], r[key]) for r in _read_jsonl(path) if key in r]
+        points = [(r["step"], r[key]) for r in read_log(path) if key in r]
         ax.plot(*zip(*points), label=name)
     ax.set_xlabel("step")
     ax.set_ylabel(f"training {key}")
@@ -94,10 +95,6 @@ fitted to the normalised latents; probe: held-out linear-probe accuracy of the l
 <table><tr><th>metric</th>{header}</tr>{rows}</table>
 {pictures}
 """
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _img(path: Path, alt: str) -> str:

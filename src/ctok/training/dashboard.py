@@ -22,7 +22,6 @@ so a run with the dashboard trains bit for bit as one without it.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from ctok.atomic_files import save_figure
 from ctok.training.checkpoint import capture_rng_state, restore_rng_state
+from ctok.training.run_log import read_log
 from ctok.uint8 import to_uint8
 
 PLOT_NAME = "dashboard.png"
@@ -97,7 +97,10 @@ class LatentDashboard:
         self.cost_reported = False
 
     def _features(self, images: torch.Tensor) -> np.ndarray:
-        return torch.cat([self.feature_network(batch)["pool"] for batch in images.split(250)]).double().numpy()
+        from ctok.metrics.features import network_features
+
+        pool = [network_features(self.feature_network, batch)["pool"] for batch in images.split(250)]
+        return torch.cat(pool).double().numpy()
 
     def evaluate(self, tokenizer, step: int) -> dict[str, float]:
         """The ``eval/...`` scores of ``tokenizer`` at ``step``; redraws the plot with them."""
@@ -117,7 +120,7 @@ class LatentDashboard:
         return scores
 
     def _scores(self, tokenizer) -> dict[str, float]:
-        from ctok.latent_analysis import analyze_latents, encode_images
+        from ctok.latent_analysis import analyze_latents, encode_images, summary_scores
         from ctok.metrics import psnr
         from ctok.metrics.frechet import fid
 
@@ -131,11 +134,7 @@ class LatentDashboard:
         if self.feature_network is not None:
             scores["eval/rfid"] = fid(self.real_features, self._features(recs.clamp(-1, 1)))
         analysis = analyze_latents(sample.normalized(), sample.labels, components=self.components, seed=self.seed)
-        for fit in analysis["gmm"]["fits"]:
-            scores[f"eval/gmm_nll_k{fit['components']}"] = fit["held_out_nll_per_dim"]
-        if analysis["probe"] is not None:
-            scores["eval/probe_mean_pooled"] = analysis["probe"]["mean_pooled"]["held_out_accuracy"]
-            scores["eval/probe_flattened"] = analysis["probe"]["flattened"]["held_out_accuracy"]
+        scores.update({f"eval/{key}": value for key, value in summary_scores(analysis).items()})
         return scores
 
 
@@ -147,9 +146,7 @@ def plot_dashboard(log_path: Path, out: Path, latest: dict | None = None) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
-        if log_path.exists() else []
-    records = [r for r in records if any(k.startswith("eval/") for k in r)] + ([latest] if latest else [])
+    records = [r for r in read_log(log_path) if any(k.startswith("eval/") for k in r)] + ([latest] if latest else [])
     keys = sorted({k for r in records for k in r if k.startswith("eval/") and k != "eval/seconds"})
     cols = min(3, max(1, len(keys)))
     rows = -(-len(keys) // cols) or 1

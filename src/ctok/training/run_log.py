@@ -17,6 +17,14 @@ from tqdm import tqdm
 from ctok.atomic_files import atomic_write
 
 
+def read_log(path: str | Path) -> list[dict]:
+    """The records of a run's ``log.jsonl``, in order (a missing file has none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class RunLog:
     def __init__(self, run_dir: str | Path, *, enabled: bool, resume_step: int | None = None,
                  tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None):
