@@ -1,7 +1,7 @@
 """Training SiT and DiT on a tokenizer's latents: ``ctok train-sit`` and ``ctok train-dit``.
 
 The latents come from a cache made by ``ctok cache-latents`` (``data.latents``), or, for small
-runs, from images encoded on the fly (``data.images``), normalised on the way
+runs, from images encoded on the fly (``data.images``, or their shards ``data.shards``), normalised on the way
 (:mod:`ctok.training.generator_data`). The exported generator's config.json records the
 normalisation in ``latent_stats`` together with the tokenizer's identity, so sampling can undo it
 and refuse to decode with another tokenizer.
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ctok.data import open_images
+from ctok.data import open_images_or_shards
 from ctok.latent_cache import LatentCache
 from ctok.loading import load_tokenizer
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord, build_preset
@@ -54,6 +54,7 @@ class DataSection:
 
     latents: str | None = None  # a folder written by `ctok cache-latents`
     images: str | None = None  # or images encoded on the fly: an image folder or Fashion-MNIST's folder
+    shards: str | None = None  # or their webdataset shards (`ctok make-shards`): DIR/train-{000000..000127}.tar, DIR
     flip: bool = True  # on the fly: mirror each image with probability 1/2 (a cache picks one of its views)
     stats_images: int = 1024  # on the fly: random images whose latents normalise, if the tokenizer has no stats
     batch_size: int = 256  # global: over all processes and accumulation steps
@@ -268,8 +269,9 @@ def open_training_data(kind: str, cfg: GeneratorTrainConfig):
     ``source`` is the tokenizer's folder or hub id. Everything that can be wrong with the inputs is
     checked here, before a process group or a network exists, the cheap checks first.
     """
-    if (cfg.data.latents is None) == (cfg.data.images is None):
-        raise ValueError("set exactly one of data.latents (a cache from `ctok cache-latents`) and data.images")
+    if sum(source is not None for source in (cfg.data.latents, cfg.data.images, cfg.data.shards)) != 1:
+        raise ValueError("set exactly one of data.latents (a cache from `ctok cache-latents`), data.images and "
+                         "data.shards")
     check_model_section(kind, cfg.model)
     cache = LatentCache(cfg.data.latents) if cfg.data.latents else None
     if cache is not None:
@@ -293,13 +295,13 @@ def open_training_data(kind: str, cfg: GeneratorTrainConfig):
             raise ValueError(f"latent cache {cache.info.folder} was made by tokenizer {cache.info.tokenizer_identity} "
                              f"({cache.info.tokenizer_source}), not by {source} ({tokenizer.identity()})")
     else:
-        images = open_images(cfg.data.images, tokenizer.image_size)
+        images = open_images_or_shards(cfg.data.images, cfg.data.shards, tokenizer.image_size)
+        where = f"data.images {cfg.data.images}" if cfg.data.images else f"data.shards {cfg.data.shards}"
         labels = getattr(images, "labels", None)
         if labels is not None:
-            check_labels_fit((int(min(labels)), int(max(labels))), cfg.model.num_classes,
-                             f"data.images {cfg.data.images}")
+            check_labels_fit((int(min(labels)), int(max(labels))), cfg.model.num_classes, where)
         elif getattr(images, "classes", None):
-            check_labels_fit((0, len(images.classes) - 1), cfg.model.num_classes, f"data.images {cfg.data.images}")
+            check_labels_fit((0, len(images.classes) - 1), cfg.model.num_classes, where)
     return cache, images, tokenizer, source
 
 

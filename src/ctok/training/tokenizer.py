@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ctok.data import open_images
+from ctok.data import open_images_or_shards
 from ctok.features.hog import hog_patch_targets
 from ctok.losses.adversarial import LeCAM, adaptive_generator_weight, gan_losses, gan_weight_at
 from ctok.losses.alignment import alignment_loss
@@ -295,12 +295,10 @@ class TokenizerTask:
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     """Train a tokenizer as ``cfg`` says; returns the folder of the exported EMA tokenizer."""
     # Everything that can be wrong with the inputs is checked before a process group exists.
-    if cfg.data.images is None:
-        raise ValueError("set data.images to the training images: an image folder (ImageNet class sub-folders, "
-                         "or flat) or a folder holding Fashion-MNIST's files")
     tok_config = tokenizer_config(cfg.model)
     check_options(cfg, Tokenizer.split_config(tok_config)[0])
-    dataset = open_images(cfg.data.images, Tokenizer.split_config(tok_config)[0].image_size, crop=cfg.data.crop)
+    dataset = open_images_or_shards(cfg.data.images, cfg.data.shards, Tokenizer.split_config(tok_config)[0].image_size,
+                                    crop=cfg.data.crop)
     found = {} if cfg.random_init_pretrained else locate_all(pretrained_requests(cfg))
 
     ctx = init_distributed(cfg.run.device)
