@@ -26,6 +26,8 @@ from typing import Protocol, Sequence
 
 from tqdm import tqdm
 
+from ctok.atomic_files import atomic_write
+
 INSTALL = "pip install 'ctok[track]'"
 
 
@@ -116,8 +118,8 @@ class WandbTracker:
         self.run = wandb.init(project=project, entity=entity, mode=_wandb_mode(mode, run_dir), dir=str(run_dir),
                               name=run_dir.resolve().name, id=resumed_id, resume="allow" if resumed_id else None,
                               config=config)
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(self.run.id + "\n")
+        with atomic_write(id_file, "w") as f:  # a run killed meanwhile leaves the previous id whole
+            f.write(self.run.id + "\n")
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
