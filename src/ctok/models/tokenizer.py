@@ -28,6 +28,7 @@ from ctok.models.base import PretrainedModel
 from ctok.models.presets import TOKENIZER_FAMILIES, TOKENIZER_PRESET_NAMES
 from ctok.models.quantizers import SoftVectorQuantizer
 from ctok.models.vit import ViTDecoder, ViTEncoder, parse_vit_name
+from ctok.numerics import without_autocast
 from ctok.validation import check_image_range, check_model_input, check_tensor
 
 VARIANTS = ("softvq", "maetok")
@@ -191,12 +192,15 @@ class Tokenizer(PretrainedModel):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, N, D), as ``encode`` returns them (not normalised) -> images (B, 3, H, W).
 
-        Runs without autograd; float latents of any precision are cast to the model's dtype.
+        Runs without autograd, in the model's own dtype even inside an autocast region: float
+        latents of any precision are cast to it. Decoded pixels become uint8 images, and a bf16 output
+        (8 significant bits) is off by up to a quarter of a uint8 level near +-1, which moves about 8%
+        of pixels by one level; so ``ctok generate`` samples under bf16 autocast but decodes in float32.
         """
         check_tensor("latents", z, (None, self.num_tokens, self.latent_dim))
         weight = self.post_quant_conv.weight
         z = check_model_input("latents", z, weight.dtype, weight.device)
-        with torch.no_grad():
+        with torch.no_grad(), without_autocast(weight.device):
             return self.decoder(self.post_quant_conv(z), z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
