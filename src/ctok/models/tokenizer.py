@@ -90,7 +90,7 @@ class TrainingOutput:
     rec: torch.Tensor  # reconstruction (B, 3, H, W)
     z: torch.Tensor  # latents the decoder saw (B, N, D)
     entropy_loss: torch.Tensor  # SoftVQ's weighted entropy loss (0 for MAETok)
-    codebook_usage: float  # SoftVQ: share of codes used recently (0 for MAETok)
+    codebook_usage: torch.Tensor  # SoftVQ: share of codes used recently, 0-d on the device (0 for MAETok)
 
 
 class Tokenizer(PretrainedModel):
@@ -218,7 +218,7 @@ class Tokenizer(PretrainedModel):
     def _encode(self, x: torch.Tensor, mask: torch.Tensor | None):
         z = self.quant_conv(self.encoder(x, mask))
         if self.quantize is None:
-            return z, z.new_zeros(()), 0.0
+            return z, z.new_zeros(()), z.new_zeros((), dtype=torch.float32)
         out = self.quantize(z)
         return out.z_q, out.entropy_loss, out.codebook_usage
 
