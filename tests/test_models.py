@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ctok.models import presets
+from ctok.models import presets, vit
 from ctok.models.diffusion_transformer import SiT
 from ctok.models.diffusion_transformer import build_preset as build_generator
+from ctok.models.rope import grid_positions, rotation_angles
 from ctok.models.tokenizer import Tokenizer, build_tokenizer, preset_config
 from ctok.models.vit import MoVQBlock
 from ctok.uint8 import to_uint8
@@ -185,6 +186,25 @@ def test_decode_computes_in_float32_inside_bf16_autocast(config):
     assert in_bf16.dtype == torch.bfloat16
     moved = (to_uint8(in_bf16.float()) != to_uint8(reference)).float().mean()
     assert moved > 0.05, f"only {moved:.1%} of pixels would move: the case shows nothing"
+
+
+def test_rope_positions_of_a_grid_beyond_the_trained_one_are_built_once(tmp_path, monkeypatch):
+    """A RoPE tokenizer used above its base_image_size (the 512-px models) rotates by the positions
+    of its actual grid: built with the model, moved with it, not saved, not rebuilt per forward."""
+    torch.manual_seed(0)
+    tok = Tokenizer.from_config({**TINY_MAETOK, "image_size": 64}).eval()
+    decoder = tok.decoder
+    assert decoder.grid == 2 * round(decoder.freqs_t_x.numel() ** 0.5)
+    expected = rotation_angles(decoder.freqs, *grid_positions(decoder.grid, decoder.grid), decoder.num_heads)
+    assert not any(k.endswith(("grid_x", "grid_y")) for k in tok.state_dict())
+    tok.save_pretrained(tmp_path)
+    loaded = Tokenizer.from_pretrained(tmp_path)  # built on the meta device, then filled in
+    z = torch.randn(2, 8, 4)
+    with torch.no_grad():
+        reference = tok.decode(z)
+        monkeypatch.setattr(vit, "grid_positions", None)  # a forward that rebuilt the grid would fail
+        assert torch.equal(decoder._rope_angles(), expected)
+        assert torch.equal(loaded.decode(z), reference)
 
 
 def test_config_errors_name_the_problem():

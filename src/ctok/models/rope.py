@@ -30,9 +30,11 @@ def init_mixed_frequencies(depth: int, num_heads: int, head_dim: int, theta: flo
     return torch.stack([fx, fy]).reshape(2, depth, -1)
 
 
-def grid_positions(width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column and row of each patch in raster order (row-major), as floats."""
-    index = torch.arange(width * height, dtype=torch.float32)
+def grid_positions(width: int, height: int, device: torch.device | str | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and row of each patch in raster order (row-major), as floats, on ``device`` (None:
+    torch's default device)."""
+    index = torch.arange(width * height, dtype=torch.float32, device=device)
     return index % width, torch.div(index, width, rounding_mode="floor")
 
 
