@@ -242,7 +242,7 @@ class TokenizerTask:
         logs = {}
         if self.tokenizer.quantize is not None:
             logs["entropy"] = out.entropy_loss.detach()
-            logs["codebook_usage"] = torch.tensor(float(out.codebook_usage))
+            logs["codebook_usage"] = out.codebook_usage  # a device tensor: read back only when logged
         if out.alignment is not None:
             align = alignment_loss(out.alignment.float(), self.teachers[self.cfg.alignment.teacher](images))
             loss = loss + self.cfg.alignment.weight * align
