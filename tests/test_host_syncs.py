@@ -19,10 +19,13 @@ from torch.overrides import TorchFunctionMode
 
 import ctok
 from conftest import write_fashion_like
-from ctok.models.diffusion_transformer import build_preset
+from ctok.models.diffusion_transformer import LatentStats, build_preset
 from ctok.models.discriminators import GlobalBatchNorm
 from ctok.models.quantizers import SoftVectorQuantizer
 from ctok.sampling import sample_dit, sample_sit
+from ctok.training.generator import DiffusionSection, DiffusionTask, FlowMatchingTask, FlowSection, SamplesSection
+from ctok.training.sharding import BatchRandom, BatchSplit
+from ctok.training.task import TrainedModule
 from ctok.validation import check_labels, check_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,6 +136,27 @@ def test_solver_steps_do_not_wait_for_the_device(family, sample, settings):
     # Once per call: the noise's finite test, the labels' range (min and max), the label list's
     # upload and, for SiT, the time grid made on the CPU by design.
     assert counts[0].total <= 5, counts[0].calls
+
+
+@pytest.mark.parametrize("kind", ["sit", "dit"])
+def test_generator_training_steps_do_not_wait_for_the_device(kind):
+    """A SiT / DiT training step (label dropout, time and noise draws, the loss, its backward) reads
+    nothing back: the labels were checked when the data was opened, so the model skips its own
+    label-range and finite-time reads (2-3 per step before)."""
+    model = _tiny_generator("SiT" if kind == "sit" else "DiT").train()
+    x0, labels = torch.randn(4, 4, 4), torch.tensor([0, 1, 2, 0])
+    common = dict(net=TrainedModule(model, model, model), latents=lambda batch, rng: (x0, labels), tokenizer=None,
+                  stats=LatentStats(0.0, 1.0, "test"), samples=SamplesSection())
+    task = FlowMatchingTask(**common, flow=FlowSection()) if kind == "sit" else DiffusionTask(
+        **common, diffusion=DiffusionSection())
+    def step(i):
+        task.training_step(None, i, BatchRandom(0, i, BatchSplit(4, 1, 1, 0), 0, torch.device("cpu"))).model.backward()
+
+    step(0)  # DiT copies its schedule's tables to the device once
+    with SyncCounter() as counter:
+        step(1)
+        step(2)
+    assert counter.total == 0, counter.calls
 
 
 @pytest.mark.slow

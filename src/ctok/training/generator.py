@@ -37,14 +37,14 @@ from ctok.data import open_images_or_shards
 from ctok.latent_cache import LatentCache
 from ctok.loading import load_tokenizer
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord, build_preset
-from ctok.sampling.flow import FlowPath, sample_sit
+from ctok.sampling.flow import FlowPath, inputs_checked, sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
 from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
 from ctok.training.generator_data import CachedLatents, EncodedImages, choose_latent_stats
 from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
 from ctok.training.sharding import BatchRandom
-from ctok.training.task import StepLosses
+from ctok.training.task import StepLosses, TrainedModule
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -145,16 +145,22 @@ def drop_labels(labels: torch.Tensor, rng: BatchRandom, prob: float, null_class:
 class GeneratorTask:
     """What SiT and DiT training share: the latent source, label dropout, the sample grid."""
 
-    def __init__(self, model: nn.Module, ema: nn.Module, latents, tokenizer: nn.Module, stats: LatentStats,
-                 samples: SamplesSection):
-        self.model = model
-        self.ema = ema
+    def __init__(self, net: TrainedModule, latents, tokenizer: nn.Module, stats: LatentStats, samples: SamplesSection):
+        self.model = net.wrapped
+        self.module = net.module
+        self.ema = ema = net.ema
         self.latents = latents
         self.tokenizer = tokenizer
         self.stats = stats
         self.samples = samples
         self.dropout = ema.config.class_dropout_prob
         self.null_class = ema.num_classes
+
+    def checked_inputs(self):
+        """The training forward's context: the data's labels were checked against the model when the
+        data was opened (:func:`check_labels_fit`) and the times are drawn here, so the model skips
+        its per-call checks, whose reads of device values would stall every step."""
+        return inputs_checked(self.module)
 
     def inputs(self, batch, rng: BatchRandom) -> tuple[torch.Tensor, torch.Tensor]:
         x0, labels = self.latents(batch, rng)
@@ -184,7 +190,8 @@ class FlowMatchingTask(GeneratorTask):
         x0, labels = self.inputs(batch, rng)
         t = self.path.sample_time(rng, self.time_sampling)
         noise = rng.randn(*x0.shape[1:])
-        return StepLosses(model=self.path.training_loss(self.model, x0, t, labels, noise))
+        with self.checked_inputs():
+            return StepLosses(model=self.path.training_loss(self.model, x0, t, labels, noise))
 
     def sample_images(self, step: int) -> torch.Tensor:
         noise, labels = self.sample_noise()
@@ -204,7 +211,8 @@ class DiffusionTask(GeneratorTask):
         x0, labels = self.inputs(batch, rng)
         t = rng.randint(self.diffusion.num_timesteps)
         noise = rng.randn(*x0.shape[1:])
-        losses = self.diffusion.training_losses(self.model, x0, t, labels, noise)
+        with self.checked_inputs():
+            losses = self.diffusion.training_losses(self.model, x0, t, labels, noise)
         terms = {name: value.mean() for name, value in losses.items() if name != "loss"}
         return StepLosses(model=losses["loss"].mean(), logs=terms)
 
@@ -332,7 +340,7 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         network.eval()  # see the module docstring: label dropout is drawn by the task
         model = runner.add_model(network, optim=cfg.optim, ema_decay=cfg.ema.decay)
         latents = CachedLatents(stats) if cache is not None else EncodedImages(tokenizer, stats, cfg.data.flip)
-        common = dict(model=model.wrapped, ema=model.ema, latents=latents, tokenizer=tokenizer, stats=stats,
+        common = dict(net=model, latents=latents, tokenizer=tokenizer, stats=stats,
                       samples=cfg.samples)
         task = (FlowMatchingTask(**common, flow=cfg.flow) if kind == "sit"
                 else DiffusionTask(**common, diffusion=cfg.diffusion))

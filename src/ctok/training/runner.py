@@ -9,7 +9,7 @@ task is). Generator training (:mod:`ctok.training.generator`) is::
     runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size)
     sit = build_preset("SiT-XL/1", ...)            # after Runner(): it seeds the initialisation
     net = runner.add_model(sit, optim=cfg.optim, ema_decay=cfg.ema.decay)
-    runner.fit(FlowMatchingTask(net.wrapped, net.ema, ...), latent_dataset, num_workers=cfg.data.num_workers)
+    runner.fit(FlowMatchingTask(net, ...), latent_dataset, num_workers=cfg.data.num_workers)
     net.ema.save_pretrained(out)
 
 Tokenizer training adds its discriminator, whose task returns both losses of a micro-batch::
