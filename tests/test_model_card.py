@@ -117,9 +117,11 @@ def test_evaluations_are_shown_with_their_protocol_card(tmp_path):
 
 def test_evaluations_that_cannot_be_this_models_or_lack_a_protocol_are_refused(tmp_path):
     tokenizer, other = tiny_model("softvq"), tiny_model("maetok")
-    bare = {"fid": 3.0}
+    folder = other.save_pretrained(tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(ValueError, match="has no valid protocol card"):
-        tokenizer.save_pretrained(tmp_path / "a", evaluation=bare)
+        tokenizer.save_pretrained(folder, evaluation={"fid": 3.0})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # refused before anything was written
     with pytest.raises(ValueError, match=f"made with tokenizer {other.identity()}, but this model's is"):
         tokenizer.save_pretrained(tmp_path / "b", evaluation=reconstruction_result(other))
     with pytest.raises(ValueError, match="holds none of the metrics"):

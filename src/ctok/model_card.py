@@ -38,24 +38,32 @@ METRIC_NAMES = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Scor
 _PASSED_IN = ("training_config", "evaluation")
 
 
-def write_card(folder: str | os.PathLike, model, *, training_config: str | os.PathLike | None = None,
-               evaluation=(), repo_id: str | None = None) -> Path:
-    """Write ``folder/README.md`` for ``model``, whose config.json and weights are already in ``folder``.
+def card_facts(model, *, training_config: str | os.PathLike | None = None, evaluation=()) -> dict:
+    """What the card of ``model`` states, the passed-in facts checked: called before anything is written.
 
     ``training_config``: the resolved config the model was trained with (a run's ``config.yaml``);
     the card records its sha256 and path. ``evaluation``: result JSONs of ``ctok evaluate`` or
-    ``ctok reconstruct`` (paths or parsed dicts), each with its protocol card. ``repo_id``: the hub
-    id the loading snippet names (else a placeholder). Returns the card's path.
+    ``ctok reconstruct`` (paths or parsed dicts), each with its protocol card.
+    """
+    facts = model_facts(model)
+    facts["training_config"] = training_record(training_config) if training_config is not None else None
+    facts["evaluation"] = [evaluation_record(result, facts) for result in _as_list(evaluation)]
+    return facts
+
+
+def write_card(folder: str | os.PathLike, facts: dict, *, repo_id: str | None = None) -> Path:
+    """Write ``folder/README.md`` from :func:`card_facts`, once config.json and the weights are in ``folder``.
+
+    The passed-in facts of the card it replaces are kept when that card described the same files.
+    ``repo_id``: the hub id the loading snippet names (else a placeholder). Returns the card's path.
     """
     folder = Path(folder)
-    facts = model_facts(model)
-    facts["config_sha256"] = file_sha256(folder / CONFIG_NAME)
-    facts["weights_sha256"] = file_sha256(weights_file(folder))
+    facts = {**facts, "config_sha256": file_sha256(folder / CONFIG_NAME),
+             "weights_sha256": file_sha256(weights_file(folder))}
     previous = _carried_over(folder, facts)
-    facts["training_config"] = (training_record(training_config) if training_config is not None
-                                else previous.get("training_config"))
-    given = [evaluation_record(result, facts) for result in _as_list(evaluation)]
-    facts["evaluation"] = previous.get("evaluation", []) + [e for e in given if e not in previous.get("evaluation", [])]
+    facts["training_config"] = facts["training_config"] or previous.get("training_config")
+    kept = previous.get("evaluation", [])
+    facts["evaluation"] = kept + [e for e in facts["evaluation"] if e not in kept]
     path = folder / CARD_NAME
     with atomic_write(path, "w") as f:
         f.write(render_card(facts, repo_id))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ctok.hub import Upload, export_files, push_folder
 from ctok.loading import load_any
-from ctok.model_card import write_card
+from ctok.model_card import card_facts, write_card
 from ctok.models.files import CARD_NAME
 
 
@@ -27,5 +27,5 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
     export_files(folder)  # an export at all, checked before a model is loaded for its card
     written = None
     if not (folder / CARD_NAME).is_file():
-        written = write_card(folder, load_any(folder)[0], repo_id=repo_id)
+        written = write_card(folder, card_facts(load_any(folder)[0]), repo_id=repo_id)
     return push_folder(folder, repo_id, private=private, revision=revision), written

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ctok.config_types import check_value, is_plain
 from ctok.hub import BUILDERS, KIND_NAMES, LOADERS, other_kind, push_folder, register, resolve
-from ctok.model_card import write_card
+from ctok.model_card import card_facts, write_card
 from ctok.models.files import (
     CONFIG_NAME,
     LoadReport,
@@ -138,8 +138,10 @@ class PretrainedModel(nn.Module):
         folder to afterwards (created if missing, ``private`` then; on branch ``revision``), as
         ``ctok push`` does; offline or not logged in, the folder is written and the upload refused.
         """
+        # The card's inputs are checked first: a refused evaluation must not leave new weights under an old card.
+        facts = card_facts(self, training_config=training_config, evaluation=evaluation)
         folder = write_checkpoint(folder, self.to_config(), self.state_dict())
-        write_card(folder, self, training_config=training_config, evaluation=evaluation, repo_id=push_to_hub)
+        write_card(folder, facts, repo_id=push_to_hub)
         if push_to_hub is not None:
             push_folder(folder, push_to_hub, private=private, revision=revision)
         return folder
