@@ -351,8 +351,9 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         runner.fit(task, cache if cache is not None else images, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"
         if ctx.is_main:
-            # The EMA copy carries the network's config, latent statistics and tokenizer included.
-            model.ema.save_pretrained(out)
+            # The EMA copy carries the network's config, latent statistics and tokenizer included; the
+            # card records the resolved config the runner wrote, by its sha256.
+            model.ema.save_pretrained(out, training_config=runner.run_dir / "config.yaml")
             tqdm.write(f"exported the EMA weights to {out}")
         return out
     finally:

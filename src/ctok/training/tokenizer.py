@@ -335,7 +335,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         runner.fit(task, dataset, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"
         if ctx.is_main:
-            model.ema.tokenizer.save_pretrained(out)
+            # The card records the resolved config the runner wrote, by its sha256.
+            model.ema.tokenizer.save_pretrained(out, training_config=runner.run_dir / "config.yaml")
             tqdm.write(f"exported the EMA tokenizer to {out}")
         return out
     finally:
