@@ -169,19 +169,33 @@ class Runner:
         torch.manual_seed(run.seed)
 
     # -- registration ----------------------------------------------------------------------
-    def add_model(self, module: nn.Module, *, optim: OptimSection, ema_decay: float | None = None) -> TrainedModule:
-        """Register the network that ``StepLosses.model`` trains, with AdamW and (given a decay) an EMA."""
-        return self._register("model", module, optim, ema_decay)
+    def add_model(self, module: nn.Module, *, optim: OptimSection, ema_decay: float | None = None,
+                  find_unused_parameters: bool = False) -> TrainedModule:
+        """Register the network that ``StepLosses.model`` trains, with AdamW and (given a decay) an EMA.
+
+        ``find_unused_parameters``: some steps leave trainable parameters out of the loss (MAETok's
+        mask token at an unmasked step); DDP then looks for them after every forward, which costs a
+        graph traversal, so only trainers that can skip parameters ask for it. Without it such a
+        step stops the next one under torchrun ("Expected to have finished reduction").
+        """
+        return self._register("model", module, optim, ema_decay, find_unused_parameters)
 
     def add_discriminator(self, module: nn.Module, *, optim: OptimSection) -> TrainedModule:
-        """Register the network that ``StepLosses.discriminator`` trains, with its own AdamW."""
-        return self._register("discriminator", module, optim, None)
+        """Register the network that ``StepLosses.discriminator`` trains, with its own AdamW.
 
-    def _register(self, role: str, module: nn.Module, optim: OptimSection, ema_decay: float | None) -> TrainedModule:
+        A step that returns no discriminator loss must not call its DDP wrapper either, since a
+        forward through DDP waits for gradients; the tokenizer task calls it from ``gan.start_step``
+        on, and judges the model's reconstructions through the plain module.
+        """
+        return self._register("discriminator", module, optim, None, False)
+
+    def _register(self, role: str, module: nn.Module, optim: OptimSection, ema_decay: float | None,
+                  find_unused_parameters: bool) -> TrainedModule:
         if role in self.members:
             raise ValueError(f"a {role} is already registered")
         self.members[role] = register(module, self.ctx, optim=optim, global_batch=self.split.global_batch,
-                                      compile=self.run.compile, ema_decay=ema_decay)
+                                      compile=self.run.compile, ema_decay=ema_decay,
+                                      find_unused_parameters=find_unused_parameters)
         return self.members[role].handle()
 
     # -- the loop --------------------------------------------------------------------------

@@ -63,10 +63,12 @@ from ctok.training.tokenizer_config import EvalSection, TokenizerTrainConfig, ch
 from ctok.training.tokenizer_setup import (
     build_discriminator,
     build_heads,
+    build_mask_schedule,
     build_teachers,
     build_tokenizer,
     pretrained_requests,
     reference_images,
+    skips_parameters,
 )
 
 
@@ -311,7 +313,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         c = tokenizer.config
         teachers = build_teachers(cfg, c, found)
         training_model = TokenizerTrainingModel(tokenizer, *build_heads(cfg, c, teachers)).train()
-        model = runner.add_model(training_model, optim=cfg.optim, ema_decay=cfg.ema.decay)
+        masks = build_mask_schedule(cfg, tokenizer)
+        model = runner.add_model(training_model, optim=cfg.optim, ema_decay=cfg.ema.decay,
+                                 find_unused_parameters=skips_parameters(tokenizer, masks))
         discriminator = None
         if cfg.gan.enabled:
             objective = DiscriminatorObjective(
@@ -321,10 +325,6 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
             discriminator = runner.add_discriminator(objective, optim=cfg.gan.optim)
         lpips = LPIPSLoss(found.get("LPIPS VGG16 trunk")).to(ctx.device) if cfg.loss.perceptual_weight > 0 else None
         teachers = {name: t.to(ctx.device) for name, t in teachers.items()}
-        masks = None
-        if tokenizer.masks_tokens:
-            masks = MaskSchedule(c.enc_token_drop, c.enc_token_drop_max, schedule=cfg.masking.schedule,
-                                 start=cfg.masking.anneal_from, steps=cfg.masking.anneal_steps)
         fixed = reference_images(dataset, cfg.samples.num_images).to(ctx.device)
         dashboard = build_dashboard(cfg, dataset, c.image_size) if ctx.is_main and cfg.eval.every else None
         task = TokenizerTask(cfg, model, discriminator, lpips, teachers, masks, fixed, dashboard)
