@@ -1,6 +1,8 @@
 """``ctok cache-latents``: encode a dataset once into a latent cache (see ctok.latent_cache)."""
 from __future__ import annotations
 
+from ctok.training.dist_timeout import add_dist_timeout_argument
+
 HELP = "encode a dataset with a tokenizer into sharded latent files for generator training (torchrun-aware)"
 
 
@@ -18,6 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-workers", type=int, default=4, help="data-loading processes per process")
     parser.add_argument("--limit", type=int, help="encode only the first LIMIT images (small runs, tests)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_dist_timeout_argument(parser)
 
 
 def run(args) -> int:
@@ -32,7 +35,7 @@ def run(args) -> int:
     for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(args.device, args.dist_timeout_min)
     try:
         tokenizer = load_tokenizer(args.tokenizer, device=ctx.device)
         images = open_images_or_shards(args.data, args.shards, tokenizer.image_size)

@@ -329,7 +329,7 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
     cache, images, tokenizer, source = open_training_data(kind, cfg)
     if cfg.run.out_dir is None:
         cfg.run.out_dir = default_out_dir(cfg.model.preset, source)
-    ctx = init_distributed(cfg.run.device)
+    ctx = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     try:
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
                         free_on_resume=FREE_ON_RESUME)

@@ -5,7 +5,7 @@ A trainer registers the network it trains (``add_model``) and, for a GAN, a disc
 its *task*, and calls :meth:`Runner.fit` with the task (see :mod:`ctok.training.task` for what a
 task is). Generator training (:mod:`ctok.training.generator`) is::
 
-    ctx = init_distributed(cfg.run.device)
+    ctx = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size)
     sit = build_preset("SiT-XL/1", ...)            # after Runner(): it seeds the initialisation
     net = runner.add_model(sit, optim=cfg.optim, ema_decay=cfg.ema.decay)
@@ -58,6 +58,7 @@ from ctok.training.checkpoint import (
     save_checkpoint,
 )
 from ctok.training.config import save_yaml
+from ctok.training.dist_timeout import DEFAULT_DIST_TIMEOUT_MIN
 from ctok.training.distributed import DistContext, barrier, gather_objects, mean_over_processes
 from ctok.training.members import Member, register
 from ctok.training.run_log import RunLog
@@ -87,6 +88,7 @@ class RunSection:
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU always runs fp32
     tf32: bool = True
     compile: bool = False
+    dist_timeout_min: int = DEFAULT_DIST_TIMEOUT_MIN  # under torchrun: how long a collective waits for all ranks
     # Experiment trackers besides log.jsonl (ctok.training.trackers): tensorboard, wandb.
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     wandb_project: str = "ctok"
@@ -129,7 +131,7 @@ class EMASection:
 # is watched or how long it goes on, not what a step computes. Trainers add their own.
 FREE_ON_RESUME = frozenset({"run.out_dir", "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last",
                             "run.sample_every", "run.resume", "run.device", "run.compile", "run.report_to",
-                            "run.wandb_project", "run.wandb_entity", "run.wandb_mode",
+                            "run.wandb_project", "run.wandb_entity", "run.wandb_mode", "run.dist_timeout_min",
                             # the keys run.report_to replaced: checkpoints written before still hold them
                             "run.tensorboard", "run.wandb"})
 

@@ -303,7 +303,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                                     crop=cfg.data.crop)
     found = {} if cfg.random_init_pretrained else locate_all(pretrained_requests(cfg))
 
-    ctx = init_distributed(cfg.run.device)
+    ctx = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     try:
         # The dashboard watches the run without changing it: it may be turned on, off or changed on resume.
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
