@@ -59,7 +59,7 @@ def register(module: nn.Module, ctx: DistContext, *, optim: OptimSection, global
     if ctx.is_distributed:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         # broadcast_buffers=False: no copy of rank 0's buffers before every forward, because no buffer
-        # of a ctok module needs one. They are constants (RoPE frequencies, the discriminator's input
+        # of a ctok module needs one. They are constants (RoPE position tables, the discriminator's input
         # scale and shift) or kept equal on every rank by design: SoftVQ's code-usage history and the
         # LeCAM anchors take their updates from all ranks (models/collectives.py, losses/adversarial.py),
         # and the spectral-norm vectors of the discriminator follow from its weights, which DDP keeps
