@@ -16,6 +16,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-workers", type=int, default=4, help="data-loading processes per process")
     parser.add_argument("--limit", type=int, help="encode only the first LIMIT images (small runs, tests)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="bf16: bfloat16 autocast on CUDA (the generator recipes' run.precision); "
+                             "the CPU always encodes in fp32")
 
 
 def run(args) -> int:
@@ -36,12 +39,14 @@ def run(args) -> int:
         index = build_latent_cache(tokenizer, open_images(args.data, tokenizer.image_size), args.out,
                                    tokenizer_source=args.tokenizer, ctx=ctx, flip=args.flip,
                                    batch_size=args.batch_size, shard_size=args.shard_size,
-                                   num_workers=args.num_workers, dataset_source=str(args.data), limit=args.limit)
+                                   num_workers=args.num_workers, dataset_source=str(args.data), limit=args.limit,
+                                   precision=args.precision)
     finally:
         shutdown_distributed()
     if index is not None:
         info = json.loads(index.read_text())
+        precision = info.get("precision", "fp32")  # caches that predate the record were encoded in fp32
         print(f"cached {info['num_samples']} images x {info['num_views']} views of {info['num_tokens']} x "
-              f"{info['latent_dim']} latents in {index.parent}; mean {info['stats']['mean']:.6g}, "
-              f"std {info['stats']['std']:.6g}")
+              f"{info['latent_dim']} latents (encoded in {precision}) in {index.parent}; "
+              f"mean {info['stats']['mean']:.6g}, std {info['stats']['std']:.6g}")
     return 0

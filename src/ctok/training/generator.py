@@ -41,7 +41,7 @@ from ctok.sampling.flow import FlowPath, sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
 from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
-from ctok.training.generator_data import CachedLatents, EncodedImages, choose_latent_stats
+from ctok.training.generator_data import CachedLatents, EncodedImages, check_cache_precision, choose_latent_stats
 from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
 from ctok.training.sharding import BatchRandom
 from ctok.training.task import StepLosses
@@ -324,12 +324,15 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
                         free_on_resume=FREE_ON_RESUME)
         tokenizer = tokenizer.to(ctx.device).eval()
-        stats = choose_latent_stats(tokenizer, cache, images, cfg.data.stats_images, cfg.run.seed)
+        stats = choose_latent_stats(tokenizer, cache, images, cfg.data.stats_images, cfg.run.seed, cfg.run.precision)
+        if cache is not None and ctx.is_main:
+            check_cache_precision(cache, cfg.run.precision, ctx.device)
         network = build_generator(kind, cfg, tokenizer.num_tokens, tokenizer.latent_dim, stats,
                                   TokenizerRecord(tokenizer.identity(), str(source)))
         network.eval()  # see the module docstring: label dropout is drawn by the task
         model = runner.add_model(network, optim=cfg.optim, ema_decay=cfg.ema.decay)
-        latents = CachedLatents(stats) if cache is not None else EncodedImages(tokenizer, stats, cfg.data.flip)
+        latents = (CachedLatents(stats) if cache is not None
+                   else EncodedImages(tokenizer, stats, cfg.data.flip, cfg.run.precision))
         common = dict(model=model.wrapped, ema=model.ema, latents=latents, tokenizer=tokenizer, stats=stats,
                       samples=cfg.samples)
         task = (FlowMatchingTask(**common, flow=cfg.flow) if kind == "sit"
