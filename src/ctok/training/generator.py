@@ -343,7 +343,7 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
                        f"std {stats.std:.6g} from {stats.source}")
         runner.fit(task, cache if cache is not None else images, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"
-        if ctx.is_main:
+        if ctx.is_main and cfg.run.save_weights:
             # The EMA copy carries the network's config, latent statistics and tokenizer included.
             model.ema.save_pretrained(out)
             tqdm.write(f"exported the EMA weights to {out}")
