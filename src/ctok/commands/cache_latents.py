@@ -11,7 +11,8 @@ def add_arguments(parser) -> None:
                              "or a folder with Fashion-MNIST's files")
     parser.add_argument("--out", required=True, help="cache folder to write (an interrupted build there is resumed)")
     parser.add_argument("--flip", action="store_true", help="also store each image's mirror as a second view")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per batch, per process (with --flip a forward pass holds them and their mirrors)")
     parser.add_argument("--shard-size", type=int, default=10000, help="images per shard file")
     parser.add_argument("--num-workers", type=int, default=4, help="data-loading processes per process")
     parser.add_argument("--limit", type=int, help="encode only the first LIMIT images (small runs, tests)")
