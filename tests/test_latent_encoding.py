@@ -1,12 +1,14 @@
 """The one encoding path: both views in one pass, the precision rule, and cached = on-the-fly latents."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
 import torch
+from PIL import Image
 
-from ctok.cli import build_parser
+from ctok.cli import build_parser, main
 from ctok.latent_cache import LatentCache, build_latent_cache
 from ctok.latent_encoding import DEFAULT_PRECISION, PRECISIONS, effective_precision, encode_latents, encode_views
 from ctok.models.diffusion_transformer import LatentStats
@@ -70,6 +72,20 @@ def test_a_cache_records_the_precision_it_was_encoded_in(tokenizer, tmp_path):
     assert cache.index["precision"] == cache.info.precision == "fp32"
     with pytest.raises(ValueError, match="precision must be one of bf16, fp32, got 'half'"):
         build_latent_cache(tokenizer, RandomImages(4), tmp_path / "other", tokenizer_source="tiny", precision="half")
+
+
+def test_the_command_prints_the_precision_and_the_throughput(tokenizer, tmp_path, capsys):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for i, image in enumerate((RandomImages(6).images + 1) * 127.5):
+        Image.fromarray(image.permute(1, 2, 0).byte().numpy()).save(tmp_path / "images" / "a" / f"{i}.png")
+    assert main(["cache-latents", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "images"),
+                 "--out", str(tmp_path / "cache"), "--flip", "--num-workers", "0", "--device", "cpu",
+                 "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"encoded 6 images \(12 encodes\) in [\d.]+ s in fp32 on cpu: [\d.]+ images/s, "
+                     r"[\d.]+ encodes/s", out), out
+    assert "cached 6 images x 2 views of 8 x 4 latents (encoded in fp32)" in out
 
 
 def test_on_the_fly_latents_equal_the_cached_view_of_the_same_mirror_choice(tokenizer, tmp_path):
