@@ -5,6 +5,7 @@ convergence, two processes against one, and a run killed with SIGKILL and resume
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from scipy.stats import kstest, norm, truncnorm
 
 from ctok.cli import main
 from ctok.losses import hinge_discriminator_loss
+from ctok.model_card import read_card
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.config import load_config, packaged_config_names
@@ -312,6 +314,8 @@ def test_image_folder_with_an_unreadable_file_and_patchgan(tmp_path):
     log = _log(run)
     assert sum(r["skipped_files"] for r in log) == 1
     assert "loss/discriminator" in log[-1] and (run / "final" / "model.safetensors").is_file()
+    card = read_card(run / "final")["ctok"]  # the model card names the resolved config by its sha256
+    assert card["training_config"]["sha256"] == hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
 
 
 _RANK_DUMP = """

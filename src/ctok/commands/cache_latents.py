@@ -6,9 +6,11 @@ HELP = "encode a dataset with a tokenizer into sharded latent files for generato
 
 def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id")
-    parser.add_argument("--data", required=True,
-                        help="image folder (ImageNet class sub-folders, or flat) "
-                             "or a folder with Fashion-MNIST's files")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="image folder (ImageNet class sub-folders, or flat) "
+                                       "or a folder with Fashion-MNIST's files")
+    source.add_argument("--shards", help="or webdataset shards from `ctok make-shards`: "
+                                         "'DIR/train-{000000..000127}.tar' or DIR")
     parser.add_argument("--out", required=True, help="cache folder to write (an interrupted build there is resumed)")
     parser.add_argument("--flip", action="store_true", help="also store each image's mirror as a second view")
     parser.add_argument("--batch-size", type=int, default=64,
@@ -25,7 +27,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import json
 
-    from ctok.data import open_images
+    from ctok.data import open_images_or_shards
     from ctok.latent_cache import build_latent_cache
     from ctok.loading import load_tokenizer
     from ctok.training.distributed import init_distributed, shutdown_distributed
@@ -37,11 +39,12 @@ def run(args) -> int:
     ctx = init_distributed(args.device)
     try:
         tokenizer = load_tokenizer(args.tokenizer, device=ctx.device)
-        index = build_latent_cache(tokenizer, open_images(args.data, tokenizer.image_size), args.out,
+        images = open_images_or_shards(args.data, args.shards, tokenizer.image_size)
+        index = build_latent_cache(tokenizer, images, args.out,
                                    tokenizer_source=args.tokenizer, ctx=ctx, flip=args.flip,
                                    batch_size=args.batch_size, shard_size=args.shard_size,
-                                   num_workers=args.num_workers, dataset_source=str(args.data), limit=args.limit,
-                                   precision=args.precision)
+                                   num_workers=args.num_workers, dataset_source=str(args.data or args.shards),
+                                   limit=args.limit, precision=args.precision)
     finally:
         shutdown_distributed()
     if index is not None:

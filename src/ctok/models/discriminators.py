@@ -44,7 +44,9 @@ class GlobalBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = [0, *range(2, x.dim())]
         h = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics never in half precision
-        count = torch.tensor([h.numel() / h.shape[1]], dtype=h.dtype, device=h.device)
+        # The element count joins the sums (processes may hold different batch sizes); filled on the
+        # device, where a tensor made from the Python number would be a blocking host-to-device copy.
+        count = h.new_full((1,), h.numel() / h.shape[1])
         stats = torch.cat([h.sum(dims), h.square().sum(dims), count])
         stats = sum_over_processes(stats)
         c = x.shape[1]

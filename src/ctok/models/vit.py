@@ -223,13 +223,19 @@ class LatentViT(nn.Module):
             pos_x, pos_y = grid_positions(base_grid, base_grid)
             self.register_buffer("freqs_t_x", pos_x)
             self.register_buffer("freqs_t_y", pos_y)
+            if base_grid != self.grid:
+                # Trained at base_image_size: the rotations use the positions of the actual grid. Kept
+                # as buffers outside the checkpoint, so they move with the model and a forward does not
+                # rebuild them on the CPU and copy them to the device. Built on the CPU even when the
+                # model is built on the meta device (from_pretrained): no checkpoint fills them in.
+                pos_x, pos_y = grid_positions(self.grid, self.grid, device="cpu")
+                self.register_buffer("grid_x", pos_x, persistent=False)
+                self.register_buffer("grid_y", pos_y, persistent=False)
 
     def _rope_angles(self) -> torch.Tensor:
-        if self.freqs_t_x.shape[0] == self.grid * self.grid:
-            pos_x, pos_y = self.freqs_t_x, self.freqs_t_y
-        else:  # trained at base_image_size: positions are those of the actual grid
-            pos_x, pos_y = (p.to(self.freqs.device) for p in grid_positions(self.grid, self.grid))
-        return rotation_angles(self.freqs, pos_x, pos_y, self.num_heads)
+        if hasattr(self, "grid_x"):
+            return rotation_angles(self.freqs, self.grid_x, self.grid_y, self.num_heads)
+        return rotation_angles(self.freqs, self.freqs_t_x, self.freqs_t_y, self.num_heads)
 
     def run_blocks(self, x: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
         """The block stack; RoPE (if any) rotates the image tokens, which follow the prefix tokens."""

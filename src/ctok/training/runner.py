@@ -9,7 +9,7 @@ task is). Generator training (:mod:`ctok.training.generator`) is::
     runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size)
     sit = build_preset("SiT-XL/1", ...)            # after Runner(): it seeds the initialisation
     net = runner.add_model(sit, optim=cfg.optim, ema_decay=cfg.ema.decay)
-    runner.fit(FlowMatchingTask(net.wrapped, net.ema, ...), latent_dataset, num_workers=cfg.data.num_workers)
+    runner.fit(FlowMatchingTask(net, ...), latent_dataset, num_workers=cfg.data.num_workers)
     net.ema.save_pretrained(out)
 
 Tokenizer training adds its discriminator, whose task returns both losses of a micro-batch::
@@ -36,9 +36,9 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,7 @@ from ctok.training.run_log import RunLog
 from ctok.training.schedule import lr_factor
 from ctok.training.sharding import BatchRandom, BatchSplit, GlobalBatchSampler
 from ctok.training.task import StepLosses, TrainedModule, TrainingTask
+from ctok.training.trackers import check_trackers
 from ctok.uint8 import to_uint8
 
 
@@ -87,8 +88,20 @@ class RunSection:
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU always runs fp32
     tf32: bool = True
     compile: bool = False
-    tensorboard: bool = False
-    wandb: str | None = None  # a W&B project name turns W&B logging on
+    # Experiment trackers besides log.jsonl (ctok.training.trackers): tensorboard, wandb.
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    wandb_project: str = "ctok"
+    wandb_entity: str | None = None  # None: W&B's default (WANDB_ENTITY, or your own account)
+    # auto: WANDB_MODE if set, else online with an API key configured and offline without one
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+
+    replaced_keys: ClassVar[dict[str, str]] = {  # the keys run.report_to replaced, and how to say it now
+        "tensorboard": "run.report_to: [tensorboard] (override: run.report_to=[tensorboard])",
+        "wandb": "run.report_to: [wandb] with run.wandb_project: NAME",
+    }
+
+    def __post_init__(self):
+        check_trackers(self.report_to)  # a missing package is named when the config is read
 
 
 @dataclass
@@ -117,8 +130,10 @@ class EMASection:
 # is watched or how long it goes on, not what a step computes. Trainers add their own.
 FREE_ON_RESUME = frozenset({"run.out_dir", "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last",
                             "run.save_weights",
-                            "run.sample_every", "run.resume", "run.device", "run.compile", "run.tensorboard",
-                            "run.wandb"})
+                            "run.sample_every", "run.resume", "run.device", "run.compile", "run.report_to",
+                            "run.wandb_project", "run.wandb_entity", "run.wandb_mode",
+                            # the keys run.report_to replaced: checkpoints written before still hold them
+                            "run.tensorboard", "run.wandb"})
 
 
 class Runner:
@@ -193,8 +208,9 @@ class Runner:
                             collate_fn=collate_fn or getattr(dataset, "collate", None),
                             pin_memory=self.ctx.device.type == "cuda", persistent_workers=num_workers > 0)
         batches = iter(loader)
-        log = RunLog(self.run_dir, enabled=self.ctx.is_main, resume_step=start if start else None,
-                     tensorboard=self.run.tensorboard, wandb_project=self.run.wandb, config=self.config)
+        log = RunLog(self.run_dir, enabled=self.ctx.is_main, start_step=start, report_to=self.run.report_to,
+                     config=self.config, wandb_project=self.run.wandb_project, wandb_entity=self.run.wandb_entity,
+                     wandb_mode=self.run.wandb_mode)
         bar = tqdm(total=self.run.max_steps, initial=start, desc="train", disable=not self.ctx.is_main,
                    dynamic_ncols=True)
         sums: dict[str, torch.Tensor] = {}

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ctok.data import open_images
+from ctok.data import open_images_or_shards
 from ctok.features.hog import hog_patch_targets
 from ctok.losses.adversarial import LeCAM, adaptive_generator_weight, gan_losses, gan_weight_at
 from ctok.losses.alignment import alignment_loss
@@ -242,7 +242,7 @@ class TokenizerTask:
         logs = {}
         if self.tokenizer.quantize is not None:
             logs["entropy"] = out.entropy_loss.detach()
-            logs["codebook_usage"] = torch.tensor(float(out.codebook_usage))
+            logs["codebook_usage"] = out.codebook_usage  # a device tensor: read back only when logged
         if out.alignment is not None:
             align = alignment_loss(out.alignment.float(), self.teachers[self.cfg.alignment.teacher](images))
             loss = loss + self.cfg.alignment.weight * align
@@ -295,12 +295,10 @@ class TokenizerTask:
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     """Train a tokenizer as ``cfg`` says; returns the folder of the exported EMA tokenizer."""
     # Everything that can be wrong with the inputs is checked before a process group exists.
-    if cfg.data.images is None:
-        raise ValueError("set data.images to the training images: an image folder (ImageNet class sub-folders, "
-                         "or flat) or a folder holding Fashion-MNIST's files")
     tok_config = tokenizer_config(cfg.model)
     check_options(cfg, Tokenizer.split_config(tok_config)[0])
-    dataset = open_images(cfg.data.images, Tokenizer.split_config(tok_config)[0].image_size, crop=cfg.data.crop)
+    dataset = open_images_or_shards(cfg.data.images, cfg.data.shards, Tokenizer.split_config(tok_config)[0].image_size,
+                                    crop=cfg.data.crop)
     found = {} if cfg.random_init_pretrained else locate_all(pretrained_requests(cfg))
 
     ctx = init_distributed(cfg.run.device)
@@ -337,7 +335,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         runner.fit(task, dataset, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"
         if ctx.is_main and cfg.run.save_weights:
-            model.ema.tokenizer.save_pretrained(out)
+            # The card records the resolved config the runner wrote, by its sha256.
+            model.ema.tokenizer.save_pretrained(out, training_config=runner.run_dir / "config.yaml")
             tqdm.write(f"exported the EMA tokenizer to {out}")
         return out
     finally:
