@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latent_caching import latent_caching
+from benchmarks.latent_caching import cache_throughput, latent_caching
 from benchmarks.measure import Gemm, copy_rate, machine, throughput
 from benchmarks.sampler_overhead import sampler_overhead
 from ctok.models.diffusion_transformer import build_preset as build_generator
@@ -179,6 +179,8 @@ def main(argv=None) -> int:
     gemm = Gemm(device, torch.bfloat16 if gpu else torch.float32)  # the dtype the models run in
     reference = {"gemm": gemm.rate(), "copy": copy_rate(device)}
     rows = tokenizer_rows(device, gemm, batch=batch, image_size=image_size, compile_model=args.compile)
+    cache_row, cache_ratios = cache_throughput(device, gemm, quick=args.quick)
+    rows.append(cache_row)
     rows += sit_rows(device, gemm, batch=batch, steps=250 if gpu else (2 if args.quick else 10),
                      compile_model=args.compile)
     if gpu:  # the paper's 512 px comparison: 128 tokens against 1024 tokens
@@ -186,6 +188,7 @@ def main(argv=None) -> int:
     rows += training_rows(device, gemm, batch=batch if gpu else 2, image_size=image_size)
     ratios = {
         "sampler overhead": sampler_overhead(device=device, quick=args.quick),
+        "latent caching throughput": cache_ratios,
         "cached latents vs on-the-fly encoding": latent_caching(device=device, quick=args.quick),
     }
     result = {"machine": machine(device), "reference": reference, "rows": rows, "ratios": ratios}

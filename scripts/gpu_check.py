@@ -126,7 +126,8 @@ def plan(work: Path, smoke: bool, gpus: int, python: str) -> dict[str, list[str]
     bench_out = work / "benchmarks.md"
     steps = {
         "cuda_tests": [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_generate_cuda.py",
-                       "tests/test_runner.py", "tests/test_evaluate.py", "tests/test_metrics.py", "-k", "cuda"],
+                       "tests/test_runner.py", "tests/test_evaluate.py", "tests/test_metrics.py",
+                       "tests/test_latent_encoding.py", "-k", "cuda"],
         "cache_latents": [python, "-m", "ctok", "cache-latents", "--tokenizer", str(work / "tokenizer"),
                           "--data", str(work / "images"), "--out", str(work / "latents"), "--flip",
                           "--batch-size", "16" if smoke else "128", "--num-workers", "2", "--device", device],

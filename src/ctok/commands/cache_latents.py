@@ -15,12 +15,16 @@ def add_arguments(parser) -> None:
                                          "'DIR/train-{000000..000127}.tar' or DIR")
     parser.add_argument("--out", required=True, help="cache folder to write (an interrupted build there is resumed)")
     parser.add_argument("--flip", action="store_true", help="also store each image's mirror as a second view")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per batch, per process (with --flip a forward pass holds them and their mirrors)")
     parser.add_argument("--shard-size", type=int, default=10000, help="images per shard file")
     parser.add_argument("--num-workers", type=int, default=4, help="data-loading processes per process")
     parser.add_argument("--limit", type=int, help="encode only the first LIMIT images (small runs, tests)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_dist_timeout_argument(parser)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="bf16: bfloat16 autocast on CUDA (the generator recipes' run.precision); "
+                             "the CPU always encodes in fp32")
 
 
 def run(args) -> int:
@@ -43,12 +47,13 @@ def run(args) -> int:
                                    tokenizer_source=args.tokenizer, ctx=ctx, flip=args.flip,
                                    batch_size=args.batch_size, shard_size=args.shard_size,
                                    num_workers=args.num_workers, dataset_source=str(args.data or args.shards),
-                                   limit=args.limit)
+                                   limit=args.limit, precision=args.precision)
     finally:
         shutdown_distributed()
     if index is not None:
         info = json.loads(index.read_text())
+        precision = info.get("precision", "fp32")  # caches that predate the record were encoded in fp32
         print(f"cached {info['num_samples']} images x {info['num_views']} views of {info['num_tokens']} x "
-              f"{info['latent_dim']} latents in {index.parent}; mean {info['stats']['mean']:.6g}, "
-              f"std {info['stats']['std']:.6g}")
+              f"{info['latent_dim']} latents (encoded in {precision}) in {index.parent}; "
+              f"mean {info['stats']['mean']:.6g}, std {info['stats']['std']:.6g}")
     return 0

@@ -41,7 +41,7 @@ from ctok.sampling.flow import FlowPath, inputs_checked, sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
 from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
-from ctok.training.generator_data import CachedLatents, EncodedImages, choose_latent_stats
+from ctok.training.generator_data import CachedLatents, EncodedImages, check_cache_precision, choose_latent_stats
 from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
 from ctok.training.sharding import BatchRandom
 from ctok.training.task import StepLosses, TrainedModule
@@ -334,12 +334,15 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
                         free_on_resume=FREE_ON_RESUME)
         tokenizer = tokenizer.to(ctx.device).eval()
-        stats = choose_latent_stats(tokenizer, cache, images, cfg.data.stats_images, cfg.run.seed)
+        stats = choose_latent_stats(tokenizer, cache, images, cfg.data.stats_images, cfg.run.seed, cfg.run.precision)
+        if cache is not None and ctx.is_main:
+            check_cache_precision(cache, cfg.run.precision, ctx.device)
         network = build_generator(kind, cfg, tokenizer.num_tokens, tokenizer.latent_dim, stats,
                                   TokenizerRecord(tokenizer.identity(), str(source)))
         network.eval()  # see the module docstring: label dropout is drawn by the task
         model = runner.add_model(network, optim=cfg.optim, ema_decay=cfg.ema.decay)
-        latents = CachedLatents(stats) if cache is not None else EncodedImages(tokenizer, stats, cfg.data.flip)
+        latents = (CachedLatents(stats) if cache is not None
+                   else EncodedImages(tokenizer, stats, cfg.data.flip, cfg.run.precision))
         common = dict(net=model, latents=latents, tokenizer=tokenizer, stats=stats,
                       samples=cfg.samples)
         task = (FlowMatchingTask(**common, flow=cfg.flow) if kind == "sit"
@@ -350,7 +353,7 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
                        f"std {stats.std:.6g} from {stats.source}")
         runner.fit(task, cache if cache is not None else images, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"
-        if ctx.is_main:
+        if ctx.is_main and cfg.run.save_weights:
             # The EMA copy carries the network's config, latent statistics and tokenizer included; the
             # card records the resolved config the runner wrote, by its sha256.
             model.ema.save_pretrained(out, training_config=runner.run_dir / "config.yaml")

@@ -80,6 +80,7 @@ class RunSection:
     log_every: int = 100
     ckpt_every: int = 5000
     keep_last: int = 3
+    save_weights: bool = True  # false: no checkpoints and no exported weights (throughput measurements)
     sample_every: int = 0  # 0: only at the end
     # true: continue from the run folder's newest checkpoint if there is one; false: start fresh
     # (refused if the folder has checkpoints); or a path to the checkpoint to continue from.
@@ -130,6 +131,7 @@ class EMASection:
 # Resolved-config keys that may change when a run is resumed: they change where a run lives, how it
 # is watched or how long it goes on, not what a step computes. Trainers add their own.
 FREE_ON_RESUME = frozenset({"run.out_dir", "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last",
+                            "run.save_weights",
                             "run.sample_every", "run.resume", "run.device", "run.compile", "run.report_to",
                             "run.wandb_project", "run.wandb_entity", "run.wandb_mode", "run.dist_timeout_min",
                             # the keys run.report_to replaced: checkpoints written before still hold them
@@ -248,7 +250,7 @@ class Runner:
                     sums, interval_steps, interval_start = {}, 0, time.perf_counter()
                 if getattr(task, "evaluates_at", None) and task.evaluates_at(done):  # before the checkpoint:
                     self._evaluate(task, done, log)  # a run killed in between evaluates this step again
-                if done % self.run.ckpt_every == 0 or last:
+                if self.run.save_weights and (done % self.run.ckpt_every == 0 or last):
                     self._save_checkpoint(done, sampler)
                 if (self.run.sample_every and done % self.run.sample_every == 0) or last:
                     self._save_samples(task, done, log)

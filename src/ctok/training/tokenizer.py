@@ -334,7 +334,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                        f"{c.image_size} px: {trainable:,} trainable parameters; {len(dataset):,} training images")
         runner.fit(task, dataset, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"
-        if ctx.is_main:
+        if ctx.is_main and cfg.run.save_weights:
             # The card records the resolved config the runner wrote, by its sha256.
             model.ema.tokenizer.save_pretrained(out, training_config=runner.run_dir / "config.yaml")
             tqdm.write(f"exported the EMA tokenizer to {out}")
