@@ -25,7 +25,7 @@ takes its learning rate, clipping, AdamW step and EMA update. Modules that are n
 a frozen teacher) are not registered.
 
 The runner does everything else: device placement, DistributedDataParallel, bf16 autocast and TF32
-on CUDA, torch.compile, the learning-rate schedule, the fp32 EMA (timm's ModelEmaV3), checkpoints
+on CUDA, torch.compile, activation checkpointing, the learning-rate schedule, the fp32 EMA (timm's ModelEmaV3), checkpoints
 that resume exactly, the JSONL log and the progress bar.
 
 Run folder: ``config.yaml`` (the resolved config), ``checkpoints/step-XXXXXXXX.pt`` (the newest
@@ -48,6 +48,7 @@ from tqdm import tqdm
 from ctok.atomic_files import save_image_grid
 from ctok.data.images import usable_workers
 from ctok.locking import folder_lock
+from ctok.models.checkpointing import block_stacks, set_activation_checkpointing
 from ctok.training.checkpoint import (
     capture_rng_state,
     check_resumable,
@@ -86,6 +87,9 @@ class RunSection:
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU always runs fp32
     tf32: bool = True
     compile: bool = False
+    # true: recompute the transformer blocks in the backward pass (ctok.models.checkpointing): less
+    # memory for about one more forward pass of time; a model without blocks is refused
+    activation_checkpointing: bool = False
     tensorboard: bool = False
     wandb: str | None = None  # a W&B project name turns W&B logging on
 
@@ -115,8 +119,8 @@ class EMASection:
 # Resolved-config keys that may change when a run is resumed: they change where a run lives, how it
 # is watched or how long it goes on, not what a step computes. Trainers add their own.
 FREE_ON_RESUME = frozenset({"run.out_dir", "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last",
-                            "run.sample_every", "run.resume", "run.device", "run.compile", "run.tensorboard",
-                            "run.wandb"})
+                            "run.sample_every", "run.resume", "run.device", "run.compile",
+                            "run.activation_checkpointing", "run.tensorboard", "run.wandb"})
 
 
 class Runner:
@@ -165,8 +169,16 @@ class Runner:
     def _register(self, role: str, module: nn.Module, optim: OptimSection, ema_decay: float | None) -> TrainedModule:
         if role in self.members:
             raise ValueError(f"a {role} is already registered")
+        # Activation checkpointing: a model without blocks is refused; a discriminator without them
+        # (PatchGAN) is left as it is.
+        checkpointed = self.run.activation_checkpointing and bool(block_stacks(module))
+        if self.run.activation_checkpointing and role == "model" and not checkpointed:
+            raise ValueError(f"run.activation_checkpointing is true, but the model ({type(module).__name__}) has "
+                             "no transformer blocks to recompute: set it to false")
         self.members[role] = register(module, self.ctx, optim=optim, global_batch=self.split.global_batch,
                                       compile=self.run.compile, ema_decay=ema_decay)
+        if checkpointed:  # after the EMA copy is taken: the copy (the export) carries no training setting
+            set_activation_checkpointing(module)
         return self.members[role].handle()
 
     # -- the loop --------------------------------------------------------------------------
