@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.activation_checkpointing import activation_checkpointing
 from benchmarks.latent_caching import latent_caching
 from benchmarks.measure import Gemm, copy_rate, machine, throughput
 from benchmarks.sampler_overhead import sampler_overhead
@@ -187,6 +188,7 @@ def main(argv=None) -> int:
     ratios = {
         "sampler overhead": sampler_overhead(device=device, quick=args.quick),
         "cached latents vs on-the-fly encoding": latent_caching(device=device, quick=args.quick),
+        "activation checkpointing": activation_checkpointing(device=device, quick=args.quick),
     }
     result = {"machine": machine(device), "reference": reference, "rows": rows, "ratios": ratios}
     out = Path(args.out)

@@ -62,3 +62,6 @@ def test_the_one_command_writes_the_table_and_its_json(tmp_path):
     assert "sampler overhead" in table and "cached latents" in table
     overhead = result["ratios"]["sampler overhead"]
     assert {"sit", "dit"} <= set(overhead) and overhead["sit"]["forwards"] > 0
+    recompute = result["ratios"]["activation checkpointing"]  # keeps less, for more time
+    assert recompute["recomputed"]["peak_mib"] < 0.8 * recompute["plain"]["peak_mib"]
+    assert recompute["time_ratio"] > 1.0
