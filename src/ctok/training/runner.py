@@ -25,8 +25,8 @@ takes its learning rate, clipping, AdamW step and EMA update. Modules that are n
 a frozen teacher) are not registered.
 
 The runner does everything else: device placement, DistributedDataParallel, bf16 autocast and TF32
-on CUDA, torch.compile, activation checkpointing, the learning-rate schedule, the fp32 EMA (timm's ModelEmaV3), checkpoints
-that resume exactly, the JSONL log and the progress bar.
+on CUDA, torch.compile, activation checkpointing, the learning-rate schedule, the fp32 EMA (timm's
+ModelEmaV3), checkpoints that resume exactly, the JSONL log and the progress bar.
 
 Run folder: ``config.yaml`` (the resolved config), ``checkpoints/step-XXXXXXXX.pt`` (the newest
 ``run.keep_last``), ``log.jsonl``, ``samples/step-XXXXXXXX.png``.
