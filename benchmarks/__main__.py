@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.activation_checkpointing import activation_checkpointing
 from benchmarks.latent_caching import cache_throughput, latent_caching
 from benchmarks.measure import Gemm, copy_rate, machine, throughput
 from benchmarks.sampler_overhead import sampler_overhead
@@ -190,6 +191,7 @@ def main(argv=None) -> int:
         "sampler overhead": sampler_overhead(device=device, quick=args.quick),
         "latent caching throughput": cache_ratios,
         "cached latents vs on-the-fly encoding": latent_caching(device=device, quick=args.quick),
+        "activation checkpointing": activation_checkpointing(device=device, quick=args.quick),
     }
     result = {"machine": machine(device), "reference": reference, "rows": rows, "ratios": ratios}
     out = Path(args.out)

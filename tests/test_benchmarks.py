@@ -83,3 +83,6 @@ def test_the_one_command_writes_the_table_and_its_json(tmp_path):
     assert caching["cache_images_per_s"] > 0 and 0 < caching["cache_share_of_plain_encode"] < 1.5
     # the training-speed comparison leaves no checkpoints or exported weights behind (run.save_weights: false)
     assert result["ratios"]["cached latents vs on-the-fly encoding"]["weight_files_written"] == []
+    recompute = result["ratios"]["activation checkpointing"]  # keeps less, for more time
+    assert recompute["recomputed"]["peak_mib"] < 0.8 * recompute["plain"]["peak_mib"]
+    assert recompute["time_ratio"] > 1.0

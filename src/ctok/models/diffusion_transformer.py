@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from ctok.models.base import PretrainedModel
+from ctok.models.checkpointing import BlockStack
 from ctok.models.presets import GENERATOR_PRESET_NAMES, GENERATOR_SIZES
 from ctok.validation import check_batch, check_labels, check_tensor
 
@@ -238,8 +239,12 @@ class TransformerConfig:
 _RECORDED_KEYS = ("latent_stats", "tokenizer", "noise_schedule")
 
 
-class DiffusionTransformer(PretrainedModel):
-    """The shared network; see :class:`SiT` and :class:`DiT` for the two parameterisations."""
+class DiffusionTransformer(BlockStack, PretrainedModel):
+    """The shared network; see :class:`SiT` and :class:`DiT` for the two parameterisations.
+
+    Its blocks are recomputed in the backward pass under activation checkpointing
+    (:mod:`ctok.models.checkpointing`).
+    """
 
     # Keys that are not config fields but that the released configs carry and ctok reads or writes:
     # hub metadata, the attention kernel choice, and flags fixed for 1-D latents (checked on reading).
@@ -321,7 +326,7 @@ class DiffusionTransformer(PretrainedModel):
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
-            h = block(h, c)
+            h = self.run_block(block, h, c)
         return self.final_layer(h, c)
 
     # -- configuration ---------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
 
+from ctok.models.checkpointing import BlockStack
 from ctok.models.rope import apply_rotation, grid_positions, init_mixed_frequencies, rotation_angles, rotation_tables
 
 
@@ -199,8 +200,12 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class LatentViT(nn.Module):
-    """What encoder and decoder share: the backbone, the latent position embedding and RoPE."""
+class LatentViT(BlockStack, nn.Module):
+    """What encoder and decoder share: the backbone, the latent position embedding and RoPE.
+
+    Its blocks are recomputed in the backward pass under activation checkpointing
+    (:mod:`ctok.models.checkpointing`).
+    """
 
     def __init__(self, image_size: int, patch_size: int, size: ViTSize, num_latent_tokens: int, *,
                  class_token: bool, movq_latent_dim: int | None, drop_path_rate: float,
@@ -241,11 +246,11 @@ class LatentViT(nn.Module):
         """The block stack; RoPE (if any) rotates the image tokens, which follow the prefix tokens."""
         if not self.use_rope:
             for block in self.model.blocks:
-                x = block(x, latents)
+                x = self.run_block(block, x, latents)
             return x
         tables = rotation_tables(self._rope_angles(), self.model.num_prefix_tokens, x.shape[1])
         for block, table in zip(self.model.blocks, tables):
-            x = block(x, latents, table)
+            x = self.run_block(block, x, latents, table)
         return x
 
 

@@ -25,8 +25,8 @@ takes its learning rate, clipping, AdamW step and EMA update. Modules that are n
 a frozen teacher) are not registered.
 
 The runner does everything else: device placement, DistributedDataParallel, bf16 autocast and TF32
-on CUDA, torch.compile, the learning-rate schedule, the fp32 EMA (timm's ModelEmaV3), checkpoints
-that resume exactly, the JSONL log and the progress bar.
+on CUDA, torch.compile, activation checkpointing, the learning-rate schedule, the fp32 EMA (timm's
+ModelEmaV3), checkpoints that resume exactly, the JSONL log and the progress bar.
 
 Run folder: ``config.yaml`` (the resolved config), ``checkpoints/step-XXXXXXXX.pt`` (the newest
 ``run.keep_last``), ``log.jsonl``, ``samples/step-XXXXXXXX.png``.
@@ -48,6 +48,7 @@ from tqdm import tqdm
 from ctok.atomic_files import save_image_grid
 from ctok.data.images import usable_workers
 from ctok.locking import folder_lock
+from ctok.models.checkpointing import block_stacks, set_activation_checkpointing
 from ctok.training.checkpoint import (
     capture_rng_state,
     check_resumable,
@@ -89,6 +90,9 @@ class RunSection:
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU always runs fp32
     tf32: bool = True
     compile: bool = False
+    # true: recompute the transformer blocks in the backward pass (ctok.models.checkpointing): less
+    # memory for about one more forward pass of time; a model without blocks is refused
+    activation_checkpointing: bool = False
     dist_timeout_min: int = DEFAULT_DIST_TIMEOUT_MIN  # under torchrun: how long a collective waits for all ranks
     # Experiment trackers besides log.jsonl (ctok.training.trackers): tensorboard, wandb.
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
@@ -131,9 +135,9 @@ class EMASection:
 # Resolved-config keys that may change when a run is resumed: they change where a run lives, how it
 # is watched or how long it goes on, not what a step computes. Trainers add their own.
 FREE_ON_RESUME = frozenset({"run.out_dir", "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last",
-                            "run.save_weights",
-                            "run.sample_every", "run.resume", "run.device", "run.compile", "run.report_to",
-                            "run.wandb_project", "run.wandb_entity", "run.wandb_mode", "run.dist_timeout_min",
+                            "run.save_weights", "run.sample_every", "run.resume", "run.device", "run.compile",
+                            "run.activation_checkpointing", "run.dist_timeout_min", "run.report_to",
+                            "run.wandb_project", "run.wandb_entity", "run.wandb_mode",
                             # the keys run.report_to replaced: checkpoints written before still hold them
                             "run.tensorboard", "run.wandb"})
 
@@ -197,9 +201,17 @@ class Runner:
                   find_unused_parameters: bool) -> TrainedModule:
         if role in self.members:
             raise ValueError(f"a {role} is already registered")
+        # Activation checkpointing: a model without blocks is refused; a discriminator without them
+        # (PatchGAN) is left as it is.
+        checkpointed = self.run.activation_checkpointing and bool(block_stacks(module))
+        if self.run.activation_checkpointing and role == "model" and not checkpointed:
+            raise ValueError(f"run.activation_checkpointing is true, but the model ({type(module).__name__}) has "
+                             "no transformer blocks to recompute: set it to false")
         self.members[role] = register(module, self.ctx, optim=optim, global_batch=self.split.global_batch,
                                       compile=self.run.compile, ema_decay=ema_decay,
                                       find_unused_parameters=find_unused_parameters)
+        if checkpointed:  # after the EMA copy is taken: the copy (the export) carries no training setting
+            set_activation_checkpointing(module)
         return self.members[role].handle()
 
     # -- the loop --------------------------------------------------------------------------
