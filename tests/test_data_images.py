@@ -9,6 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ctok.data import BrokenImage, ImageFolder, center_crop_adm, random_crop_adm
+from ctok.training.sharding import BatchSplit, GlobalBatchSampler
 
 
 def solid(path, rgb, size=(40, 30)):
@@ -202,3 +203,38 @@ def test_random_crop_adm_moves_within_the_scaled_image():
     assert np.array_equal(np.asarray(pinned), np.asarray(center_crop_adm(square, 40)))
     with pytest.raises(ValueError, match="need 0 < min_fraction <= max_fraction <= 1"):
         random_crop_adm(square, 40, min_fraction=0.9, max_fraction=0.5)
+    # A generator of its own: the same seed gives the same crop, and the global generator is left alone.
+    state = torch.get_rng_state()
+    again = [np.asarray(random_crop_adm(image, 32, generator=torch.Generator().manual_seed(9))) for _ in range(2)]
+    assert np.array_equal(*again) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_sampler_s_seeded_indices_crop_and_flip_each_sample_alike_in_any_worker_or_process(tmp_path):
+    """Random crops and flips drawn from the sample's seed: the same for 1 process reading in the main
+    process and for 2 processes x 2 workers resumed at step 1, whatever the global generators hold;
+    a new epoch draws new ones."""
+    for i in range(8):
+        Image.fromarray(smooth_image(48 + i, 40, seed=i)).save(tmp_path / f"{i}.png")
+    dataset = ImageFolder(tmp_path, 24, crop="random", hflip=True)
+
+    def crops(world, workers, start, steps, global_seed):
+        torch.manual_seed(global_seed)  # the workers' generators follow it; the crops must not
+        found = {}
+        for rank in range(world):
+            sampler = GlobalBatchSampler(8, BatchSplit(4, 1, world, rank), seed=5, start_step=start)
+            loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=dataset.collate)
+            for step, indices, batch in zip(range(start, start + steps), iter(sampler), loader):
+                found.update({(step // 2, int(i)): x for i, x in zip(indices, batch.images, strict=True)})
+        return found
+
+    alone = crops(world=1, workers=0, start=0, steps=4, global_seed=0)
+    split = crops(world=2, workers=2, start=1, steps=3, global_seed=1)
+    assert len(alone) == 16 and len(split) == 12
+    assert all(torch.equal(x, alone[key]) for key, x in split.items())
+    assert sum(not torch.equal(alone[(0, i)], alone[(1, i)]) for i in range(8)) >= 6
+    # A plain index still draws from the global generator, as before.
+    def plain(global_seed):
+        torch.manual_seed(global_seed)
+        return torch.stack([dataset[i][0] for i in range(8)])
+
+    assert torch.equal(plain(2), plain(2)) and not torch.equal(plain(2), plain(3))

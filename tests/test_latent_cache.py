@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from ctok.latent_cache import INDEX_NAME, LatentCache, build_latent_cache
 from ctok.models.tokenizer import Tokenizer
+from ctok.seeding import SeededIndex
 from ctok.training.distributed import init_distributed
 
 TINY_TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
@@ -62,6 +63,8 @@ def test_cache_holds_the_encodings_of_each_image_and_its_mirror(tokenizer, tmp_p
     torch.testing.assert_close(stored[:, 0], plain, rtol=0, atol=1e-5)
     torch.testing.assert_close(stored[:, 1], mirrored, rtol=0, atol=1e-5)
     assert [cache[i][1] for i in range(20)] == [i % 3 for i in range(20)]
+    # the training sampler's indices carry a seed and must read as plain ones
+    assert torch.equal(cache[SeededIndex(13, (0, 2, 0))][0], stored[13])
     # statistics over every stored value: population mean / std, and per channel
     everything = stored.double()
     assert index["stats"]["mean"] == pytest.approx(float(everything.mean()), abs=1e-9)

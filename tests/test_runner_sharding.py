@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import pickle
 
 import pytest
 import torch
@@ -81,3 +82,23 @@ def test_lr_warmup_then_cosine_or_constant():
     assert [lr_factor(s, schedule="constant", warmup_steps=2, total_steps=9) for s in (0, 1, 2, 8)] == [0.5, 1, 1, 1]
     with pytest.raises(ValueError, match="'constant' or 'cosine', got 'linear'"):
         lr_factor(0, schedule="linear", warmup_steps=0, total_steps=1)
+
+
+def test_each_index_carries_the_seed_of_its_run_epoch_and_sample_whatever_the_split():
+    def seeds(accum, world, steps, start=0, run_seed=3):
+        found = {}
+        for rank in range(world):
+            sampler = GlobalBatchSampler(48, BatchSplit(8, accum, world, rank), seed=run_seed, start_step=start)
+            for k, batch in enumerate(itertools.islice(iter(sampler), steps * accum)):
+                epoch = (start + k // accum) // 6  # 48 // 8 = 6 steps per epoch
+                found.update({(epoch, int(i)): i.seed for i in batch})
+        return found
+
+    whole = seeds(1, 1, steps=12)
+    assert len(whole) == 96 and all(isinstance(s, int) for s in whole.values())
+    resumed_split = seeds(2, 2, steps=5, start=7)  # a run resumed at step 7 on 2 processes x 2 accumulations
+    assert len(resumed_split) == 40 and all(whole[key] == s for key, s in resumed_split.items())
+    assert all(whole[(0, i)] != whole[(1, i)] for i in range(48))  # the next epoch crops anew
+    assert not set(whole.values()) & set(seeds(1, 1, steps=12, run_seed=4).values())
+    index = micro_batches(48, 8, 1, 1, 0, steps=1)[0][0]
+    assert pickle.loads(pickle.dumps(index)).seed == index.seed  # as it reaches a DataLoader worker

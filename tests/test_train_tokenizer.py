@@ -384,6 +384,18 @@ def _train_one_and_two(args: list[str], tmp_path: Path, step: int) -> None:
                                        msg=lambda m: f"{module}.{key}: {m}")
 
 
+def _noise_folder(root: Path, count: int) -> Path:
+    """``count`` noise images larger than 32 px, for random crops to move in (Fashion-MNIST is used whole)."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (40 + i % 3, 46 - i % 4, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return root
+
+
 @pytest.mark.slow
 def test_the_anneal_recipe_under_torchrun_trains_to_the_end_like_one_process(synthetic_fashion_mnist, tmp_path):
     """masking.schedule=anneal with a trainable encoder: from the third step no patch is masked, so the
@@ -413,12 +425,16 @@ def test_the_anneal_recipe_under_torchrun_trains_to_the_end_like_one_process(syn
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dashboard", [[], ["eval.every=2", "eval.images=100"]], ids=["plain", "dashboard"])
-def test_killed_run_resumes_exactly(dashboard, synthetic_fashion_mnist, tmp_path):
+@pytest.mark.parametrize("variant", ["plain", "dashboard", "random-crops"])
+def test_killed_run_resumes_exactly(variant, synthetic_fashion_mnist, tmp_path):
     """Also with the latent dashboard on: it evaluates before each checkpoint, and a killed run redoes
-    the evaluations past its last checkpoint once."""
-    args = ["--config", "tiny-maetok", *FAST, f"data.images={synthetic_fashion_mnist}", "run.max_steps=6",
-            "run.ckpt_every=2", "run.keep_last=2", *dashboard]
+    the evaluations past its last checkpoint once. And with random crops read by 2 DataLoader workers
+    over two epochs: the resumed workers start new generators, the crops come from each sample's seed."""
+    images = synthetic_fashion_mnist if variant != "random-crops" else _noise_folder(tmp_path / "images", 16)
+    extra = {"plain": [], "dashboard": ["eval.every=2", "eval.images=100"],
+             "random-crops": ["data.crop=random", "data.num_workers=2"]}[variant]
+    args = ["--config", "tiny-maetok", *FAST, f"data.images={images}", "run.max_steps=6",
+            "run.ckpt_every=2", "run.keep_last=2", *extra]
     _train(args + [f"run.out_dir={tmp_path / 'straight'}"])
 
     killed = tmp_path / "killed"
@@ -442,7 +458,7 @@ def test_killed_run_resumes_exactly(dashboard, synthetic_fashion_mnist, tmp_path
     log = _log(killed)
     # The lines past the last checkpoint were redone once.
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
-    assert [r["step"] for r in log if "eval/psnr_db" in r] == ([2, 4, 6] if dashboard else [])
+    assert [r["step"] for r in log if "eval/psnr_db" in r] == ([2, 4, 6] if variant == "dashboard" else [])
     last_loss = [r["loss"] for r in log if "loss" in r][-1]
     assert math.isclose(last_loss, [r["loss"] for r in _log(tmp_path / "straight") if "loss" in r][-1], rel_tol=1e-5)
 

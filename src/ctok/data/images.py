@@ -54,7 +54,8 @@ def center_crop_adm(image: Image.Image, size: int) -> Image.Image:
 
 
 def random_crop_adm(
-    image: Image.Image, size: int, *, min_fraction: float = 0.8, max_fraction: float = 1.0
+    image: Image.Image, size: int, *, min_fraction: float = 0.8, max_fraction: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> Image.Image:
     """The random counterpart used when training the tokenizers: scale, then crop at a random place.
 
@@ -62,18 +63,20 @@ def random_crop_adm(
     [ceil(size / max_fraction), ceil(size / min_fraction)], the image is brought to short side s
     as in :func:`center_crop_adm`, and a ``size x size`` square is cut at a uniformly random
     offset, so the crop covers between ``min_fraction`` and ``max_fraction`` of the short side.
-    Randomness comes from torch's generator, which DataLoader seeds per worker.
+    The three numbers come from ``generator``, else from torch's global generator (which DataLoader
+    seeds per worker, so such crops change with the workers and on resume).
     """
     if size < 1:
         raise ValueError(f"crop size must be a positive number of pixels, got {size}")
     if not 0 < min_fraction <= max_fraction <= 1:
         raise ValueError(f"need 0 < min_fraction <= max_fraction <= 1, got {min_fraction}, {max_fraction}")
     low, high = math.ceil(size / max_fraction), math.ceil(size / min_fraction)
-    short = int(torch.randint(low, high + 1, ()).item())
-    return _crop_adm(image, short, size, centred=False)
+    short = int(torch.randint(low, high + 1, (), generator=generator).item())
+    return _crop_adm(image, short, size, centred=False, generator=generator)
 
 
-def _crop_adm(image: Image.Image, short: int, size: int, *, centred: bool) -> Image.Image:
+def _crop_adm(image: Image.Image, short: int, size: int, *, centred: bool,
+              generator: torch.Generator | None = None) -> Image.Image:
     while min(image.size) >= 2 * short:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.Resampling.BOX)
     scale = short / min(image.size)
@@ -84,8 +87,8 @@ def _crop_adm(image: Image.Image, short: int, size: int, *, centred: bool) -> Im
     if centred:
         left, top = spare_x // 2, spare_y // 2
     else:
-        left = int(torch.randint(spare_x + 1, ()).item())
-        top = int(torch.randint(spare_y + 1, ()).item())
+        left = int(torch.randint(spare_x + 1, (), generator=generator).item())
+        top = int(torch.randint(spare_y + 1, (), generator=generator).item())
     return image.crop((left, top, left + size, top + size))
 
 
@@ -158,6 +161,9 @@ class CroppedImages(Dataset):
 
     ``crop``: "center" (ADM's centre crop; evaluation and the DiT/SiT recipes) or "random"
     (:func:`random_crop_adm`; tokenizer training). ``hflip``: flip left-right with probability 1/2.
+    An index that carries a ``seed`` (a :class:`ctok.seeding.SeededIndex`, as the trainers'
+    sampler yields) draws its crop and flip from a generator of that seed, so they are the sample's
+    own whatever worker or process reads it; a plain index draws from torch's global generator.
     Use ``DataLoader(dataset, collate_fn=dataset.collate)`` to get :class:`ImageBatch` es.
     A subclass lists its samples and says how to read one (:meth:`sample`).
     """
@@ -190,12 +196,13 @@ class CroppedImages(Dataset):
         # SyntaxError (some broken headers) and DecompressionBombError (absurd sizes).
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             return BrokenImage(name, f"{type(err).__name__}: {err}")
+        generator = _sample_generator(index) if self.crop == "random" or self.hflip else None
         if self.crop == "center":
             image = center_crop_adm(image, self.image_size)
         else:
-            image = random_crop_adm(image, self.image_size)
+            image = random_crop_adm(image, self.image_size, generator=generator)
         x = pil_to_tensor(image)
-        if self.hflip and bool(torch.rand(()) < 0.5):
+        if self.hflip and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
         return x, label
 
@@ -209,6 +216,12 @@ class CroppedImages(Dataset):
             images = torch.empty(0, 3, self.image_size, self.image_size)
         labels = torch.tensor([y for _, y in good], dtype=torch.long)
         return ImageBatch(images, labels, skipped)
+
+
+def _sample_generator(index: int) -> torch.Generator | None:
+    """The generator of the index's own seed, or None (torch's global one) for a plain index."""
+    seed = getattr(index, "seed", None)
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 class ImageFolder(CroppedImages):

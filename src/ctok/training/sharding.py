@@ -6,7 +6,9 @@ continues exactly where the killed one stopped:
 
 * which samples a step sees: :class:`GlobalBatchSampler` walks a seeded permutation per epoch, and
   the global batch of step s is the s-th run of ``global_batch`` indices in it; every process takes
-  its own slice. Its whole state is (seed, step), stored in every checkpoint.
+  its own slice. Its whole state is (seed, step), stored in every checkpoint. Each index it yields
+  is a :class:`ctok.seeding.SeededIndex` whose seed is derived from (seed, epoch, index), from which
+  the dataset draws that sample's random crop and flip: the same for any worker, process or resume.
 * the random numbers drawn per sample (noise, time, label dropout, flips): :class:`BatchRandom`
   draws them for the whole global batch from a generator seeded by (seed, step, draw number) and
   hands each process its slice, so sample i gets the same noise whichever process holds it; a
@@ -20,10 +22,11 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from ctok.seeding import derived_seed
+from ctok.seeding import SeededIndex, derived_seed
 
-# Separate seed streams, so that the data order and the per-sample draws never share numbers.
-_DATA_STREAM, _DRAW_STREAM = 0, 1
+# Separate seed streams, so that the data order, the per-sample draws of the step and the dataset's
+# per-sample augmentation never share numbers.
+_DATA_STREAM, _DRAW_STREAM, _SAMPLE_STREAM = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
     """Dataset indices of this process's micro-batches, step after step, from ``start_step`` on.
 
     Epochs follow each other without end; the incomplete global batch at the end of an epoch is
-    dropped, so that every step has exactly ``global_batch`` samples.
+    dropped, so that every step has exactly ``global_batch`` samples. The indices are
+    :class:`SeededIndex` es with the stream (seed, sample stream, epoch): a sample drawn in two
+    epochs gets two crops, and the same crop in every run of the same seed.
     """
 
     def __init__(self, dataset_size: int, split: BatchSplit, seed: int, start_step: int = 0):
@@ -91,10 +96,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
             step_epoch, position = divmod(step, self.steps_per_epoch)
             if step_epoch != epoch:
                 epoch, order = step_epoch, self.permutation(step_epoch)
+                stream = (self.seed, _SAMPLE_STREAM, epoch)
             start = position * self.split.global_batch
             for micro in range(self.split.grad_accum):
                 first = start + self.split.offset(micro)
-                yield order[first:first + b].tolist()
+                yield [SeededIndex(i, stream) for i in order[first:first + b].tolist()]
             step += 1
 
 

@@ -27,8 +27,9 @@ step's :class:`BatchRandom` (or, for the per-step mask ratio, from a generator s
 step); for the discriminator's crop windows, from the step's draws shared by the whole batch),
 and every batch statistic (batch norm in the discriminator, LeCAM anchors, the adaptive weight,
 SoftVQ's average code assignment) spans all processes, so N processes train like one process
-with the whole batch. Random crops (``data.crop: random``) are the exception: the dataset draws
-them in each process.
+with the whole batch. Random crops (``data.crop: random``) are drawn by the dataset, in the
+DataLoader workers, from each sample's own seed of (seed, epoch, index) (see
+:class:`ctok.seeding.SeededIndex`), so they too are the same for any split and after a resume.
 """
 from __future__ import annotations
 
