@@ -141,6 +141,12 @@ def test_an_unknown_format_is_named_with_the_ones_there_are(conformance_dir, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_opset_the_exporter_cannot_write_is_refused(conformance_dir, tmp_path):
+    with pytest.raises(ValueError, match="opset 17 is too old: torch.onnx's exporter writes opset 18 or later"):
+        export_model(conformance_dir / "sit_small", tmp_path / "out", opset=17)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
     folder = tmp_path / "notes"
     folder.mkdir()

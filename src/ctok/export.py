@@ -37,6 +37,9 @@ MANIFEST_NAME = "manifest.json"
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 EXAMPLE_BATCH = 2  # the batch traced; a batch of 1 would let the exporter fix the axis at 1
 CHECK_BATCH = 3  # the batch onnxruntime is checked on: another size, so the axis is shown to be dynamic
+# The exporter writes opset 18 and later; below, onnx's version converter rewrites the graph, and
+# onnxruntime refused the result (opset 17: a Split with an attribute that opset lacks).
+MIN_OPSET = 18
 
 
 class _Encoder(nn.Module):
@@ -89,11 +92,14 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, *, format: str 
                  opset: int | None = None) -> dict:
     """Export the checkpoint ``src`` (folder or hub id) to the new folder ``out``; returns the manifest.
 
-    ``opset``: the ONNX opset to write (default: the exporter's own). ``out`` must not exist or be
+    ``opset``: the ONNX opset to write, at least :data:`MIN_OPSET` (default: the exporter's own, 20 in torch
+    2.14). ``out`` must not exist or be
     empty; it appears complete or not at all.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; ctok exports to: {', '.join(FORMATS)}")
+    if opset is not None and opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: torch.onnx's exporter writes opset {MIN_OPSET} or later")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder; export into a new folder")

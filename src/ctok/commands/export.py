@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint folder (config.json + model.safetensors) or hub id")
     parser.add_argument("--format", default="onnx", help="export format: onnx (the only one so far; the default)")
     parser.add_argument("--out", required=True, help="new (or empty) folder for the graphs and manifest.json")
-    parser.add_argument("--opset", type=int, help="ONNX opset to write (default: the exporter's own)")
+    parser.add_argument("--opset", type=int, help="ONNX opset to write, 18 or later (default: the exporter's own)")
 
 
 def run(args: argparse.Namespace) -> int:
