@@ -100,12 +100,21 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 def test_ctok_and_its_command_line_import_no_optional_package():
     """``import ctok`` and building every subcommand's parser (``ctok export`` included) need neither
     diffusers nor the ONNX packages: they are imported only when an export or the adapter is asked for."""
-    run = _run_python("import sys, ctok, ctok.loading, ctok.export, ctok.cli\n"
+    run = _run_python("import sys, ctok, ctok.cli\n"
                       "ctok.cli.build_parser()\n"
-                      "optional = ('diffusers', 'onnx', 'onnxscript', 'onnxruntime')\n"
-                      "print(sorted(m for m in optional if m in sys.modules))")
+                      "print(sorted(m for m in ('diffusers', 'onnx', 'onnxscript', 'onnxruntime', 'torch') "
+                      "if m in sys.modules))")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["[]"]
+
+
+def test_the_export_module_imports_the_onnx_packages_only_where_it_uses_them():
+    """So that ``ctok export`` without them ends in its pip advice, not in an ImportError at import."""
+    tree = ast.parse((SOURCE / "export.py").read_text())
+    top_level = {alias.name.partition(".")[0] for node in tree.body if isinstance(node, ast.Import)
+                 for alias in node.names}
+    top_level |= {node.module.partition(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert "torch" in top_level and not top_level & {"onnx", "onnxscript", "onnxruntime"}
 
 
 def test_an_adapter_without_its_package_names_the_pip_command():

@@ -16,15 +16,32 @@ from ctok.loading import load_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# The conformance tokenizers' configs (SoftVQ; MAETok with RoPE and MoVQ) with 2-layer, 64-wide ViTs:
+# every code path, at a size whose checkpoint writes and loads in a blink.
+SMALL = {"encoder_size": [64, 2, 2], "decoder_size": [64, 2, 2]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(conformance_dir, tmp_path_factory):
+    """A folder with a small SoftVQ and a small MAETok checkpoint (random weights)."""
+    from ctok.models.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    torch.manual_seed(0)
+    for name in ("softvq_small", "maetok_small"):
+        config = json.loads((conformance_dir / name / "config.json").read_text())
+        Tokenizer.from_config({**config, **SMALL}).save_pretrained(root / name)
+    return root
+
 
 def _images(tok, batch: int = 2) -> torch.Tensor:
     return torch.rand(batch, 3, tok.image_size, tok.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
 @pytest.mark.parametrize("name", ["softvq_small", "maetok_small"])
-def test_from_ctok_encodes_and_decodes_exactly_as_the_tokenizer(conformance_dir, name):
-    tok = load_tokenizer(conformance_dir / name)
-    vae = CtokAutoencoder.from_ctok(conformance_dir / name)
+def test_from_ctok_encodes_and_decodes_exactly_as_the_tokenizer(tokenizer_dir, name):
+    tok = load_tokenizer(tokenizer_dir / name)
+    vae = CtokAutoencoder.from_ctok(tokenizer_dir / name)
     assert not vae.training and not vae.tokenizer.training
     x = _images(tok)
     encoded = vae.encode(x)
@@ -39,8 +56,8 @@ def test_from_ctok_encodes_and_decodes_exactly_as_the_tokenizer(conformance_dir,
     assert torch.equal(latents, encoded.latents) and torch.equal(sample, decoded.sample)
 
 
-def test_diffusers_save_and_load_keep_the_function_and_convert_back(conformance_dir, tmp_path):
-    src = conformance_dir / "maetok_small"
+def test_diffusers_save_and_load_keep_the_function_and_convert_back(tokenizer_dir, tmp_path):
+    src = tokenizer_dir / "maetok_small"
     tok = load_tokenizer(src)
     CtokAutoencoder.from_ctok(src).save_pretrained(tmp_path / "diffusers")
     assert sorted(p.name for p in (tmp_path / "diffusers").iterdir()) == [
