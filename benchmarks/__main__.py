@@ -16,6 +16,7 @@ import torch
 from benchmarks.activation_checkpointing import activation_checkpointing
 from benchmarks.latent_caching import cache_throughput, latent_caching
 from benchmarks.measure import Gemm, copy_rate, machine, throughput
+from benchmarks.onnx_runtime import onnx_runtime
 from benchmarks.sampler_overhead import sampler_overhead
 from ctok.models.diffusion_transformer import build_preset as build_generator
 from ctok.models.tokenizer import build_tokenizer
@@ -193,6 +194,8 @@ def main(argv=None) -> int:
         "cached latents vs on-the-fly encoding": latent_caching(device=device, quick=args.quick),
         "activation checkpointing": activation_checkpointing(device=device, quick=args.quick),
     }
+    if not gpu:  # ctok[onnx] installs onnxruntime's CPU build
+        ratios["onnxruntime vs PyTorch"] = onnx_runtime(quick=args.quick)
     result = {"machine": machine(device), "reference": reference, "rows": rows, "ratios": ratios}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,10 @@ def test_the_one_command_writes_the_table_and_its_json(tmp_path):
         assert row["gflop_per_item"] > 0 and 0 < row["fraction_of_gemm"] < 1.5 and math.isfinite(row["peak_mib"])
     table = out.read_text()
     assert all(f"| {n} |" in table for n in names)
-    assert "sampler overhead" in table and "cached latents" in table
+    assert "sampler overhead" in table and "cached latents" in table and "onnxruntime vs PyTorch" in table
+    onnx = result["ratios"]["onnxruntime vs PyTorch"]
+    for graph in (onnx["tokenizer"]["encoder"], onnx["tokenizer"]["decoder"], onnx["sit"]["forward"]):
+        assert graph["ort_over_pytorch"] > 0 and graph["max_abs_diff"] < 1e-3
     overhead = result["ratios"]["sampler overhead"]
     assert {"sit", "dit"} <= set(overhead) and overhead["sit"]["forwards"] > 0
     caching = result["ratios"]["latent caching throughput"]

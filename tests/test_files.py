@@ -81,3 +81,23 @@ def test_open_images_reads_a_folder_and_fashion_mnist(tmp_path, synthetic_fashio
         open_images(synthetic_fashion_mnist, 64)
     with pytest.raises(ValueError, match="set data.crop=center"):
         open_images(synthetic_fashion_mnist, 32, crop="random")
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    from ctok.atomic_files import atomic_folder
+
+    with atomic_folder(tmp_path / "out") as staging:
+        (staging / "a.bin").write_bytes(b"a")
+        assert not (tmp_path / "out").exists()  # nothing under the final name until the block ends
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.bin"]
+    (tmp_path / "plain").mkdir()  # a folder made by mkdir has the permissions it should have, not mkdtemp's 0700
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    (tmp_path / "plain").rmdir()
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "failed") as staging:
+        (staging / "half.bin").write_bytes(b"h")
+        raise RuntimeError("interrupted")
+    (tmp_path / "empty").mkdir()
+    with atomic_folder(tmp_path / "empty") as staging:  # an empty folder is replaced
+        (staging / "b.bin").write_bytes(b"b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]  # no staging folder left
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == ["b.bin"]

@@ -3,7 +3,8 @@
 Every file appears whole or not at all: it is written to a temporary file beside the target, then
 renamed. A process killed mid-write (kill -9, a full disk, a pre-empted node) leaves the previous
 version or nothing, never a truncated checkpoint, metrics file or image that a later run would trust.
-JSON, PNG files and image grids are written through :func:`atomic_write`; :func:`file_sha256` and
+JSON, PNG files and image grids are written through :func:`atomic_write`, folders of files that belong
+together (an ONNX export) through :func:`atomic_folder`; :func:`file_sha256` and
 :func:`weights_sha256` fingerprint what was written.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +27,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     # mkstemp creates the file 0600; give it the permissions a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -38,8 +38,42 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    # The rename itself must reach the disk too, or a power cut could undo it.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _sync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary folder next to ``path`` to fill; on success it is renamed onto ``path``.
+
+    ``path`` must not exist or be an empty folder (a rename cannot replace a full one). On an
+    error the temporary folder and everything in it are removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        # mkdtemp creates the folder 0700; give it the permissions a plain mkdir() would have.
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        for file in (p for p in tmp.rglob("*") if p.is_file()):  # the contents reach the disk before the name
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    _sync_folder(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it reaches the disk too and a power cut cannot undo it."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

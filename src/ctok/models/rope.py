@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ctok.numerics import without_autocast
 
@@ -47,8 +48,8 @@ def rotation_angles(freqs: torch.Tensor, pos_x: torch.Tensor, pos_y: torch.Tenso
     return angles.view(depth, pos_x.shape[0], num_heads, -1).transpose(1, 2)
 
 
-def rotation_tables(angles: torch.Tensor, start: int, total: int) -> torch.Tensor:
-    """Per-layer unit complex multipliers over the whole token sequence, (depth, heads, total, head_dim / 2).
+def rotation_tables(angles: torch.Tensor, start: int, total: int) -> list[torch.Tensor]:
+    """Per-layer unit complex multipliers over the whole token sequence: ``depth`` tables (heads, total, head_dim / 2).
 
     ``angles`` (depth, heads, N, head_dim / 2) are for the N tokens from ``start``; other positions
     (class and latent tokens) get the identity, 1 + 0i. Rotating the whole sequence by one complex
@@ -56,10 +57,12 @@ def rotation_tables(angles: torch.Tensor, start: int, total: int) -> torch.Tenso
     them back would copy them three more times in every layer (and a real-valued cos / sin /
     pair-swap formulation takes three passes; measured 4-7x slower on the CPU).
     """
-    depth, heads, n, pairs = angles.shape
-    table = torch.ones(depth, heads, total, pairs, dtype=torch.complex64, device=angles.device)
-    table[:, :, start:start + n] = torch.polar(torch.ones_like(angles), angles.float())
-    return table
+    # Built so that ctok.export can trace it: ONNX has no complex type, and the exporter turns
+    # polar and complex products into real arithmetic, but not a complex slice copy or a complex
+    # tensor split into layers. So the other positions get angle 0 (cos 0 = 1 and sin 0 = 0
+    # exactly, the same table) and the real angles are split into layers before polar.
+    angles = F.pad(angles.float(), (0, 0, start, total - start - angles.shape[2]))
+    return [torch.polar(torch.ones_like(layer), layer) for layer in angles]
 
 
 def apply_rotation(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
