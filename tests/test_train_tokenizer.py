@@ -425,14 +425,17 @@ def test_the_anneal_recipe_under_torchrun_trains_to_the_end_like_one_process(syn
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["plain", "dashboard", "random-crops"])
+@pytest.mark.parametrize("variant", ["plain", "dashboard", "random-crops", "drop-path"])
 def test_killed_run_resumes_exactly(variant, synthetic_fashion_mnist, tmp_path):
     """Also with the latent dashboard on: it evaluates before each checkpoint, and a killed run redoes
     the evaluations past its last checkpoint once. And with random crops read by 2 DataLoader workers
     over two epochs: the resumed workers start new generators, the crops come from each sample's seed."""
     images = synthetic_fashion_mnist if variant != "random-crops" else _noise_folder(tmp_path / "images", 16)
     extra = {"plain": [], "dashboard": ["eval.every=2", "eval.images=100"],
-             "random-crops": ["data.crop=random", "data.num_workers=2"]}[variant]
+             "random-crops": ["data.crop=random", "data.num_workers=2"],
+             # drop path draws from the global generator, which the resumed DataLoader must leave alone
+             "drop-path": ["model.enc_drop_path_rate=0.3", "model.dec_drop_path_rate=0.3",
+                           "data.num_workers=2"]}[variant]
     args = ["--config", "tiny-maetok", *FAST, f"data.images={images}", "run.max_steps=6",
             "run.ckpt_every=2", "run.keep_last=2", *extra]
     _train(args + [f"run.out_dir={tmp_path / 'straight'}"])

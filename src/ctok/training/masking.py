@@ -21,7 +21,7 @@ from scipy.stats import truncnorm
 
 from ctok.seeding import derived_seed
 
-_MASK_STREAM = 2  # seed stream of the per-step mask ratio (0 and 1 are ctok.training.sharding's)
+_MASK_STREAM = 2  # seed stream of the per-step mask ratio (the others are ctok.training.sharding's)
 _SCALE = 0.25  # the published distribution's scale
 
 

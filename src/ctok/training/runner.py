@@ -233,6 +233,7 @@ class Runner:
             save_yaml(self.config, self.run_dir / "config.yaml")
         sampler = GlobalBatchSampler(len(dataset), self.split, self.run.seed, start_step=start)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                            generator=sampler.loader_generator(),
                             collate_fn=collate_fn or getattr(dataset, "collate", None),
                             pin_memory=self.ctx.device.type == "cuda", persistent_workers=num_workers > 0)
         batches = iter(loader)

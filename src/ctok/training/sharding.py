@@ -26,7 +26,9 @@ from ctok.seeding import SeededIndex, derived_seed
 
 # Separate seed streams, so that the data order, the per-sample draws of the step and the dataset's
 # per-sample augmentation never share numbers.
-_DATA_STREAM, _DRAW_STREAM, _SAMPLE_STREAM = 0, 1, 2
+# Seed streams (2 is ctok.training.masking's): the epoch order, the per-step draws, each sample's crop and
+# flip, and the DataLoader's own generator (worker seeds), which must not draw from the global one.
+_DATA_STREAM, _DRAW_STREAM, _SAMPLE_STREAM, _LOADER_STREAM = 0, 1, 3, 4
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, _DATA_STREAM, epoch))
         return torch.randperm(self.dataset_size, generator=generator)
+
+    def loader_generator(self) -> torch.Generator:
+        """The DataLoader's generator. Given none, a DataLoader draws its workers' base seed from the
+        global generator when it starts: a resumed run would draw at its restart and shift every later
+        global draw (drop path, dropout) away from the uninterrupted run's."""
+        return torch.Generator().manual_seed(derived_seed(self.seed, _LOADER_STREAM, self.start_step))
 
     def state(self, step: int) -> dict:
         """The data-order position of ``step`` (what a checkpoint records)."""
