@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latent_caching import latent_caching
+from benchmarks.activation_checkpointing import activation_checkpointing
+from benchmarks.latent_caching import cache_throughput, latent_caching
 from benchmarks.measure import Gemm, copy_rate, machine, throughput
 from benchmarks.onnx_runtime import onnx_runtime
 from benchmarks.sampler_overhead import sampler_overhead
@@ -180,6 +181,8 @@ def main(argv=None) -> int:
     gemm = Gemm(device, torch.bfloat16 if gpu else torch.float32)  # the dtype the models run in
     reference = {"gemm": gemm.rate(), "copy": copy_rate(device)}
     rows = tokenizer_rows(device, gemm, batch=batch, image_size=image_size, compile_model=args.compile)
+    cache_row, cache_ratios = cache_throughput(device, gemm, quick=args.quick)
+    rows.append(cache_row)
     rows += sit_rows(device, gemm, batch=batch, steps=250 if gpu else (2 if args.quick else 10),
                      compile_model=args.compile)
     if gpu:  # the paper's 512 px comparison: 128 tokens against 1024 tokens
@@ -187,7 +190,9 @@ def main(argv=None) -> int:
     rows += training_rows(device, gemm, batch=batch if gpu else 2, image_size=image_size)
     ratios = {
         "sampler overhead": sampler_overhead(device=device, quick=args.quick),
+        "latent caching throughput": cache_ratios,
         "cached latents vs on-the-fly encoding": latent_caching(device=device, quick=args.quick),
+        "activation checkpointing": activation_checkpointing(device=device, quick=args.quick),
     }
     if not gpu:  # ctok[onnx] installs onnxruntime's CPU build
         ratios["onnxruntime vs PyTorch"] = onnx_runtime(quick=args.quick)

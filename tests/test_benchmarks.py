@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from benchmarks.measure import Gemm, paired_ratio, throughput, timed_side_by_side
+from ctok.training.checkpoint import list_checkpoints
+from test_runner import toy_config, toy_data, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -44,6 +46,20 @@ def test_a_gemm_row_runs_at_about_the_gemm_rate():
     assert row["items_per_s"] == pytest.approx(2 / row["median_s"])
 
 
+def test_a_throughput_run_writes_no_weights_and_may_resume_a_run_that_did(tmp_path):
+    """run.save_weights: false, what the latent-caching benchmark trains with: not even the last step's checkpoint."""
+    train(toy_config(tmp_path / "bench", save_weights=False), toy_data())
+    assert (tmp_path / "bench" / "log.jsonl").is_file()
+    assert not (tmp_path / "bench" / "checkpoints").exists() or not any((tmp_path / "bench" / "checkpoints").iterdir())
+    train(toy_config(tmp_path / "run"), toy_data())
+    assert [step for step, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [8, 12]
+    # the key changes nothing a step computes, so a resumed run may turn it off
+    train(toy_config(tmp_path / "run", save_weights=False, max_steps=16), toy_data())
+    assert [step for step, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [8, 12]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9, 12, 15, 16]  # continued from step 12, not started afresh
+
+
 @pytest.mark.slow
 def test_the_one_command_writes_the_table_and_its_json(tmp_path):
     out = tmp_path / "bench.md"
@@ -65,3 +81,11 @@ def test_the_one_command_writes_the_table_and_its_json(tmp_path):
         assert graph["ort_over_pytorch"] > 0 and graph["max_abs_diff"] < 1e-3
     overhead = result["ratios"]["sampler overhead"]
     assert {"sit", "dit"} <= set(overhead) and overhead["sit"]["forwards"] > 0
+    caching = result["ratios"]["latent caching throughput"]
+    assert any(n.startswith("latent caching tiny 32px with flips (fp32)") for n in names)
+    assert caching["cache_images_per_s"] > 0 and 0 < caching["cache_share_of_plain_encode"] < 1.5
+    # the training-speed comparison leaves no checkpoints or exported weights behind (run.save_weights: false)
+    assert result["ratios"]["cached latents vs on-the-fly encoding"]["weight_files_written"] == []
+    recompute = result["ratios"]["activation checkpointing"]  # keeps less, for more time
+    assert recompute["recomputed"]["peak_mib"] < 0.8 * recompute["plain"]["peak_mib"]
+    assert recompute["time_ratio"] > 1.0

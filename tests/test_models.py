@@ -6,16 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from ctok.models import presets
+from ctok.models import presets, vit
 from ctok.models.diffusion_transformer import SiT
 from ctok.models.diffusion_transformer import build_preset as build_generator
+from ctok.models.rope import grid_positions, rotation_angles
 from ctok.models.tokenizer import Tokenizer, build_tokenizer, preset_config
 from ctok.models.vit import MoVQBlock
+from ctok.uint8 import to_uint8
 
 TINY_MAETOK = dict(variant="maetok", image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
                    decoder_model="vit_tiny_patch14_dinov2_movqv2", num_latent_tokens=8, codebook_embed_dim=4,
                    use_ape=False, use_rope=True, rope_mixed=True, dec_cls_token=False, enc_token_drop=0.4,
                    encoder_size=[64, 2, 2], decoder_size=[32, 1, 2])
+TINY_SOFTVQ = {**TINY_MAETOK, "variant": "softvq", "decoder_model": "vit_tiny_patch14_dinov2", "use_rope": False,
+               "use_ape": True, "dec_cls_token": True, "enc_token_drop": 0.0, "codebook_size": 16, "num_codebooks": 2}
 
 # -- presets: what the released models are (REFERENCE.md, the README's preset table) -------------
 VIT_B, VIT_L = (768, 12, 12), (1024, 24, 16)  # DINOv2 ViT-B / ViT-L: width, depth, heads
@@ -164,6 +168,43 @@ def test_encode_rejects_bad_images(tiny, bad, message):
 def test_decode_rejects_bad_latents(tiny):
     with pytest.raises(ValueError, match=r"latents must have shape \(B, 8, 4\), got \(1, 8, 5\)"):
         tiny.decode(torch.zeros(1, 8, 5))
+
+
+@pytest.mark.parametrize("config", [TINY_MAETOK, TINY_SOFTVQ], ids=["maetok", "softvq"])
+def test_decode_computes_in_float32_inside_bf16_autocast(config):
+    """Decoded pixels become uint8 levels, which a bf16 output misses; ``ctok generate`` samples
+    under bf16 autocast on CUDA, and decode leaves it (CPU autocast stands in for CUDA's here)."""
+    torch.manual_seed(0)
+    tok = Tokenizer.from_config(config).eval()
+    z = torch.randn(4, 8, 4)
+    reference = tok.decode(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        images = tok.decode(z)
+        with torch.no_grad():  # what decode computed before it left autocast
+            in_bf16 = tok.decoder(tok.post_quant_conv(z), z)
+    assert images.dtype == torch.float32 and torch.equal(images, reference)
+    assert in_bf16.dtype == torch.bfloat16
+    moved = (to_uint8(in_bf16.float()) != to_uint8(reference)).float().mean()
+    assert moved > 0.05, f"only {moved:.1%} of pixels would move: the case shows nothing"
+
+
+def test_rope_positions_of_a_grid_beyond_the_trained_one_are_built_once(tmp_path, monkeypatch):
+    """A RoPE tokenizer used above its base_image_size (the 512-px models) rotates by the positions
+    of its actual grid: built with the model, moved with it, not saved, not rebuilt per forward."""
+    torch.manual_seed(0)
+    tok = Tokenizer.from_config({**TINY_MAETOK, "image_size": 64}).eval()
+    decoder = tok.decoder
+    assert decoder.grid == 2 * round(decoder.freqs_t_x.numel() ** 0.5)
+    expected = rotation_angles(decoder.freqs, *grid_positions(decoder.grid, decoder.grid), decoder.num_heads)
+    assert not any(k.endswith(("grid_x", "grid_y")) for k in tok.state_dict())
+    tok.save_pretrained(tmp_path)
+    loaded = Tokenizer.from_pretrained(tmp_path)  # built on the meta device, then filled in
+    z = torch.randn(2, 8, 4)
+    with torch.no_grad():
+        reference = tok.decode(z)
+        monkeypatch.setattr(vit, "grid_positions", None)  # a forward that rebuilt the grid would fail
+        assert torch.equal(decoder._rope_angles(), expected)
+        assert torch.equal(loaded.decode(z), reference)
 
 
 def test_config_errors_name_the_problem():

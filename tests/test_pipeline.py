@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -90,6 +91,30 @@ def test_generate_is_the_sampler_then_the_recorded_denormalisation(trained, toke
     assert floats.dtype == torch.float32 and floats.shape == (2, 3, 64, 64) and not floats.requires_grad
     assert torch.equal(floats, pixels)
     assert np.array_equal(pipe.generate([3, 9], num_steps=2, solver="euler", seed=4), to_uint8_hwc(pixels))
+
+
+@contextmanager
+def _cpu_bf16_inference(self=None):
+    """What LatentPipeline._inference is on CUDA, with CPU autocast standing in for CUDA's."""
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        yield
+
+
+def test_generate_samples_under_bf16_autocast_but_decodes_in_float32(trained, tokenizer_dir, monkeypatch):
+    """On CUDA generate samples under bf16 autocast; the pixels are still the float32 decode of the
+    latents it drew (a bf16 decode would put some on another uint8 level)."""
+    monkeypatch.setattr(LatentPipeline, "_inference", _cpu_bf16_inference)
+    pipe = load_pipeline(tokenizer_dir, trained["sit"])
+    gens = image_generators(4, range(2))
+    noise = torch.stack([torch.randn(16, 8, generator=g) for g in gens])
+    with _cpu_bf16_inference():
+        z = sample_sit(pipe.generator, noise, torch.tensor([3, 9]), num_steps=2, solver="euler", generator=gens)
+    z_float32 = sample_sit(pipe.generator, noise, torch.tensor([3, 9]), num_steps=2, solver="euler", generator=gens)
+    assert not torch.equal(z, z_float32)  # the autocast is in force while sampling
+    with torch.no_grad():
+        pixels = load_tokenizer(tokenizer_dir).decode(z * STATS.std + STATS.mean)
+    floats = pipe.generate([3, 9], num_steps=2, solver="euler", seed=4, output="float")
+    assert torch.equal(floats, pixels)
 
 
 # -- (b) encode / decode in the generator's normalised space ----------------------------------

@@ -64,9 +64,9 @@ def test_values_are_parsed_and_typed():
 
 def test_overrides_use_dotted_keys_and_yaml_scalars():
     tree = apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=3e-4", "run.max_steps=5", "optim.grad_clip=null",
-                                                   "optim.betas=[0.9, 0.95]", "run.wandb=my-project"])
+                                                   "optim.betas=[0.9, 0.95]", "run.report_to=[tensorboard, wandb]"])
     assert tree == {"optim": {"lr": "3e-4", "grad_clip": None, "betas": [0.9, 0.95]},
-                    "run": {"max_steps": 5, "wandb": "my-project"}}
+                    "run": {"max_steps": 5, "report_to": ["tensorboard", "wandb"]}}
     with pytest.raises(ValueError, match="must look like key=value"):
         apply_overrides({}, ["optim.lr"])
     with pytest.raises(ValueError, match="'optim.lr' is a value, not a section"):

@@ -5,6 +5,7 @@ loading and sampling, resume after ``kill -9``, and 2-process torchrun against 1
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import ctok
 from ctok.cli import main
 from ctok.data.fashion_mnist import FashionMNIST, load_fashion_mnist
 from ctok.latent_cache import build_latent_cache
+from ctok.model_card import read_card
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.distributed import init_distributed
@@ -129,6 +131,9 @@ def test_tiny_generator_learns_and_its_export_loads(image_cache, tokenizer_dir, 
     assert exported["latent_stats"] == {"mean": index["stats"]["mean"], "std": index["stats"]["std"],
                                         "source": f"latent cache {image_cache}"}
     assert exported["tokenizer"] == {"identity": index["tokenizer"]["identity"], "source": str(tokenizer_dir)}
+    card = read_card(out / "final")["ctok"]  # the model card names the resolved config and the tokenizer
+    assert card["training_config"]["sha256"] == hashlib.sha256((out / "config.yaml").read_bytes()).hexdigest()
+    assert (card["tokenizer"], card["latent_stats"]) == (exported["tokenizer"], exported["latent_stats"])
     model = load(out / "final")
     ema = load_checkpoint(out / "checkpoints" / "step-00000120.pt")["ema"]["model"]
     for key, value in model.state_dict().items():

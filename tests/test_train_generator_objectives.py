@@ -10,6 +10,7 @@ from ctok.models.diffusion_transformer import LatentStats, build_preset
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion
 from ctok.training.generator import DiffusionSection, DiffusionTask, FlowMatchingTask, FlowSection, SamplesSection
 from ctok.training.sharding import BatchRandom, BatchSplit
+from ctok.training.task import TrainedModule
 
 SPLIT = BatchSplit(4096, 1, 1, 0)
 
@@ -30,7 +31,7 @@ def make_task(kind, x0, labels, **objective):
     ema = build_preset("SiT-S/1" if kind == "sit" else "DiT-S/1", input_size=x0.shape[1], in_channels=x0.shape[2],
                        num_classes=10, depth=1, hidden_size=32, num_heads=2, class_dropout_prob=0.1)
     spy = Spy(ema, ema.out_channels)
-    common = dict(model=spy, ema=ema, latents=lambda batch, rng: (x0, labels), tokenizer=None,
+    common = dict(net=TrainedModule(spy, spy, ema), latents=lambda batch, rng: (x0, labels), tokenizer=None,
                   stats=LatentStats(0.0, 1.0, "test"), samples=SamplesSection())
     if kind == "sit":
         return FlowMatchingTask(**common, flow=FlowSection(**objective)), spy

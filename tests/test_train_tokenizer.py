@@ -5,6 +5,7 @@ convergence, two processes against one, and a run killed with SIGKILL and resume
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from scipy.stats import kstest, norm, truncnorm
 
 from ctok.cli import main
 from ctok.losses import hinge_discriminator_loss
+from ctok.model_card import read_card
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.config import load_config, packaged_config_names
@@ -28,7 +30,7 @@ from ctok.training.masking import MaskSchedule, random_patch_mask
 from ctok.training.sharding import BatchRandom, BatchSplit
 from ctok.training.tokenizer import DiscriminatorObjective, TokenizerTrainingModel
 from ctok.training.tokenizer_config import TokenizerTrainConfig, tokenizer_config
-from ctok.training.tokenizer_setup import init_linear_xavier
+from ctok.training.tokenizer_setup import build_mask_schedule, init_linear_xavier, skips_parameters
 
 RECIPES = [n for n in packaged_config_names() if n.startswith(("softvq-", "maetok-"))]
 
@@ -139,6 +141,25 @@ def test_patch_mask_masks_the_rounded_share_per_sample():
     # The mask of a sample depends on its own draws only: splitting the batch changes nothing.
     assert torch.equal(torch.cat([random_patch_mask(uniform[:2], 0.45), random_patch_mask(uniform[2:], 0.45)]), mask)
     assert random_patch_mask(uniform, 0.01) is None
+
+
+def test_ddp_is_told_when_a_step_can_leave_the_mask_token_out():
+    """A ratio that rounds to no patch leaves the trainable mask token out of the loss: an annealed one,
+    or a published lowest ratio under half a patch; a frozen encoder has nothing to leave out."""
+    tokenizer = _tiny_maetok()  # 16 patches, lowest published ratio 0.4
+    patches = tokenizer.num_patches
+
+    def schedule(*overrides: str) -> MaskSchedule:
+        return build_mask_schedule(load_config(TokenizerTrainConfig, "tiny-maetok", list(overrides)), tokenizer)
+
+    assert not skips_parameters(tokenizer, schedule())
+    assert skips_parameters(tokenizer, schedule("masking.schedule=anneal"))
+    for low, unmasked in ((0.03, True), (0.035, False)):  # 0.48 and 0.56 of a patch
+        assert MaskSchedule(low, 0.6).may_mask_nothing(patches) == unmasked
+        assert (random_patch_mask(torch.rand(2, patches), low) is None) == unmasked
+    assert not skips_parameters(tokenizer, None)
+    tokenizer.encoder.requires_grad_(False)  # decoder fine-tuning
+    assert not skips_parameters(tokenizer, schedule("masking.schedule=anneal"))
 
 
 def _tiny_maetok() -> Tokenizer:
@@ -312,6 +333,8 @@ def test_image_folder_with_an_unreadable_file_and_patchgan(tmp_path):
     log = _log(run)
     assert sum(r["skipped_files"] for r in log) == 1
     assert "loss/discriminator" in log[-1] and (run / "final" / "model.safetensors").is_file()
+    card = read_card(run / "final")["ctok"]  # the model card names the resolved config by its sha256
+    assert card["training_config"]["sha256"] == hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
 
 
 _RANK_DUMP = """
@@ -336,10 +359,15 @@ def test_two_processes_train_like_one(config, synthetic_fashion_mnist, tmp_path)
     For SoftVQ the average code assignment of the entropy loss, and the code-usage history (a
     buffer of the checkpoint), must span both processes; the entropy weight is raised from 0.01 so
     that a per-process average would show within three steps."""
+    _train_one_and_two(["--config", *config, *FAST, f"data.images={synthetic_fashion_mnist}", "run.max_steps=3",
+                        "run.ckpt_every=3"], tmp_path, step=3)
+
+
+def _train_one_and_two(args: list[str], tmp_path: Path, step: int) -> None:
+    """Train in tmp_path/one (1 process) and tmp_path/two (torchrun, 2 processes); at ``step`` the two
+    replicas hold the same modules, buffers included, and equal the single process's."""
     script = tmp_path / "dump_ranks.py"
     script.write_text(_RANK_DUMP)
-    args = ["--config", *config, *FAST, f"data.images={synthetic_fashion_mnist}", "run.max_steps=3",
-            "run.ckpt_every=3"]
     for name, procs in (("one", 1), ("two", 2)):
         command = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
                                       if procs > 1 else []) + [str(script), "train-tokenizer", *args,
@@ -347,13 +375,41 @@ def test_two_processes_train_like_one(config, synthetic_fashion_mnist, tmp_path)
         result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                                 timeout=1800)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one = torch.load(tmp_path / "one" / "rank0-step3.pt", weights_only=True)
-    ranks = [torch.load(tmp_path / "two" / f"rank{r}-step3.pt", weights_only=True) for r in range(2)]
+    one = torch.load(tmp_path / "one" / f"rank0-step{step}.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}-step{step}.pt", weights_only=True) for r in range(2)]
     for module in ("model", "discriminator"):
         for key, value in one[module].items():
             assert torch.equal(ranks[0][module][key], ranks[1][module][key]), f"replicas differ at {module}.{key}"
             torch.testing.assert_close(ranks[0][module][key], value, rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"{module}.{key}: {m}")
+
+
+@pytest.mark.slow
+def test_the_anneal_recipe_under_torchrun_trains_to_the_end_like_one_process(synthetic_fashion_mnist, tmp_path):
+    """masking.schedule=anneal with a trainable encoder: from the third step no patch is masked, so the
+    encoder's mask token takes no part in the loss, and the discriminator joins at the fourth step.
+
+    Two processes go on to the end (DDP is told to expect the unused parameter; without that the
+    step after the first unmasked one failed) and equal one process, AdamW's state included: the
+    mask token gets no gradient on either side (None, not zero), so AdamW stops counting its steps."""
+    _train_one_and_two(["--config", "tiny-maetok", *FAST, f"data.images={synthetic_fashion_mnist}",
+                        "masking.schedule=anneal", "masking.anneal_steps=2", "gan.start_step=3", "run.max_steps=6",
+                        "run.ckpt_every=3"], tmp_path, step=6)
+    log = _log(tmp_path / "two")
+    assert [r["mask_ratio"] for r in log if "mask_ratio" in r] == pytest.approx([0.6, 0.3, 0, 0, 0, 0])
+    assert ["loss/discriminator" in r for r in log if "loss" in r] == [False] * 3 + [True] * 3
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
+    one, two = (load_checkpoint(tmp_path / run / "checkpoints" / "step-00000006.pt")["optimizers"]
+                for run in ("one", "two"))
+    for name in ("model", "discriminator"):
+        assert one[name]["state"].keys() == two[name]["state"].keys(), name
+        for index, state in one[name]["state"].items():
+            assert state["step"] == two[name]["state"][index]["step"], f"{name} parameter {index}"
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(two[name]["state"][index][key], state[key], rtol=1e-4, atol=1e-5)
+    steps = sorted(float(s["step"]) for s in one["model"]["state"].values())
+    assert steps[0] == 2 and steps[1:] == [6] * (len(steps) - 1)  # the mask token, then every other parameter
+    assert {float(s["step"]) for s in one["discriminator"]["state"].values()} == {3}
 
 
 @pytest.mark.slow

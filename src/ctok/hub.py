@@ -5,6 +5,11 @@ Hub downloads go through huggingface_hub's cache; offline (``HF_HUB_OFFLINE=1``)
 network, a missing checkpoint raises an error that says what to download and where to put it. A
 preset name (``maetok-b-128``, ``SiT-XL/1``) is refused with what to call instead.
 
+Publishing: :func:`push_folder` uploads an export folder (``config.json``, the weights and the model
+card) to a hub model repo in one commit, after checking that the folder is a ctok export and that
+the hub can be reached: offline (``HF_HUB_OFFLINE=1``), without a token or without network it says
+so in one line before anything is created or uploaded.
+
 The kind registry: every model is of one kind, ``"tokenizer"``, ``"sit"`` or ``"dit"``
 (:data:`KINDS`). :func:`model_kind` tells them apart from a config dict alone, and each model class
 registers itself under its kind when it is defined (:class:`ctok.models.base.PretrainedModel` calls
@@ -18,9 +23,11 @@ classes, live in :mod:`ctok.loading`.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from ctok.models.files import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from ctok.downloads import offline
+from ctok.models.files import CARD_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_config, weights_file
 from ctok.models.presets import (
     GENERATOR_PRESET_NAMES,
     RELEASED_GENERATOR_EXAMPLES,
@@ -102,6 +109,85 @@ def _refuse_preset_name(src: str) -> None:
                     if src in RELEASED_GENERATOR_EXAMPLES else "no weights of this size were released")
         raise ValueError(f"{src!r} is a preset name, not a checkpoint: ctok.build_{family.lower()}({src!r}, "
                          f"input_size=..., in_channels=...) builds it with random weights; {released}")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What :func:`push_folder` uploaded: the repo, its branch, the files and the commit's address."""
+
+    repo_id: str
+    revision: str
+    files: list[str]
+    url: str
+
+
+def export_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the ctok export ``folder`` that an upload sends: config.json, the weights, README.md.
+
+    Raises unless ``folder`` is an export: a config.json of a tokenizer, SiT or DiT beside its weights.
+    Nothing else in the folder (checkpoints, logs, samples) is ever sent.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no export folder at {folder} (a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        model_kind(read_config(folder))
+    except ValueError as err:
+        raise ValueError(f"{folder} is not a ctok export: {err}") from None
+    names = [CONFIG_NAME, weights_file(folder).name]
+    return sorted(names + [CARD_NAME] if (folder / CARD_NAME).is_file() else names)
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
+                revision: str | None = None) -> Upload:
+    """Upload the export ``folder`` (:func:`export_files`) to the hub model repo ``repo_id`` in one commit.
+
+    The repo is created when missing (private with ``private=True``; an existing repo keeps its
+    visibility), and so is the branch ``revision`` (default: main). The folder, the offline switch,
+    the login and the network are checked before anything is created.
+    """
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    folder = Path(folder).expanduser()
+    files = export_files(folder)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{repo_id!r} is not a hub repo id (owner/name): {err}") from None
+    refused = f"not uploading {folder} to {repo_id}"
+    if offline():
+        raise ConnectionError(f"{refused}: HF_HUB_OFFLINE is set; on a machine with network, unset it and push again")
+    if get_token() is None:
+        raise PermissionError(f"{refused}: not logged in to the Hugging Face hub; run `hf auth login` "
+                              "(or set HF_TOKEN) with a token that may write to the repo")
+    api = HfApi()
+    try:
+        api.whoami()  # the token and the network, before a repo is created
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, allow_patterns=files,
+                                   commit_message=f"Upload a ctok export ({', '.join(files)})")
+    except Exception as err:
+        raise _hub_error(err, refused) from None
+    return Upload(repo_id, revision or "main", files, str(commit.commit_url))
+
+
+def _hub_error(err: Exception, refused: str) -> Exception:
+    """The one-line error for a failure of the hub or of the network; any other exception is a bug, kept as is."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    detail = " ".join(str(err).split())
+    if status in (401, 403):
+        return PermissionError(f"{refused}: the hub refused the token (HTTP {status}: {detail}); check "
+                               "`hf auth whoami` and that the token may write to this repo")
+    if status is not None:
+        return ValueError(f"{refused}: the hub answered HTTP {status}: {detail}")
+    # huggingface_hub's transport (an httpx flavour) raises errors of its own module, not OSErrors.
+    if isinstance(err, OSError) or type(err).__module__.split(".")[0].startswith(("httpx", "requests", "urllib3")):
+        return ConnectionError(f"{refused}: cannot reach the Hugging Face hub ({type(err).__name__}: {detail}); "
+                               "check the network")
+    return err
 
 
 def register(cls: type) -> None:

@@ -8,6 +8,8 @@ matmul backend to full precision for the duration of a block and restores the pr
 afterwards; it uses only PyTorch's per-backend ``fp32_precision`` flags, since mixing them with the
 legacy ``allow_tf32`` flags is an error in current PyTorch. :func:`tf32_on_cuda` is the opposite
 switch, for generation: the released samplers ran with TF32 matmuls and convolutions on CUDA.
+:func:`without_autocast` marks a float32 island inside a bf16 autocast region: a block that must
+compute in the tensors' own precision (decoding to pixels, SoftVQ's sharp softmax).
 """
 from __future__ import annotations
 
@@ -52,3 +54,12 @@ def tf32_on_cuda(device: torch.device) -> contextlib.AbstractContextManager:
     restore the caller's settings afterwards. On the CPU it changes nothing."""
     cuda = tuple(pair for pair in _OPERATIONS if pair[0] in ("cuda", "cudnn"))
     return _float32_precision(cuda if torch.device(device).type == "cuda" else (), "tf32")
+
+
+def without_autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Run the block with autocast off for ``device``'s type, so that it computes in the dtypes of
+    its tensors; a device type without autocast (``meta``) has nothing to switch off."""
+    kind = torch.device(device).type
+    if not torch.amp.is_autocast_available(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)

@@ -52,7 +52,9 @@ class LatentPipeline:
 
     ``encode`` and ``decode`` work in the normalised latent space the generator sees; ``generate``
     draws class-conditional images. Both models are put in eval mode and every call runs without
-    gradients; on CUDA, as in ``ctok generate``, sampling and decoding run under bfloat16 autocast.
+    gradients; on CUDA, as in ``ctok generate``, encoding and sampling run under bfloat16 autocast,
+    while decoding stays in the tokenizer's float32 (:meth:`ctok.Tokenizer.decode` leaves autocast,
+    as bf16 pixels would land on the wrong uint8 level for about 8% of them).
 
     Attributes:
         tokenizer, generator: the two models.
@@ -108,9 +110,14 @@ class LatentPipeline:
             return self.latent_stats.normalize(self.tokenizer.encode(images.to(self.device))).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (B, N, D) -> images (B, 3, H, W), float32, in about [-1, 1] (not clamped)."""
-        with self._inference():
-            return self.tokenizer.decode(self.latent_stats.denormalize(latents.to(self.device))).float()
+        """Normalised latents (B, N, D) -> images (B, 3, H, W), float32, in about [-1, 1] (not clamped).
+
+        Computed in float32 also where sampling ran in bf16: the latents are cast first, and the
+        tokenizer decodes outside autocast.
+        """
+        with torch.no_grad():
+            z = self.latent_stats.denormalize(latents.to(self.device, torch.float32))
+            return self.tokenizer.decode(z).float()
 
     # -- sampling ------------------------------------------------------------------------------
     def sampler_arguments(self, *, num_steps: int = 250, solver: str | None = None, cfg_scale: float = 1.0,

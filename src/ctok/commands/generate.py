@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ctok.training.dist_timeout import add_dist_timeout_argument
+
 HELP = "sample images from a SiT/DiT + tokenizer: PNGs, a grid and samples.npz for the ADM evaluator; torchrun-aware"
 
 
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or truncate as ADM's sampler")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_dist_timeout_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cfg_scale < 1:
         raise ValueError(f"--cfg-scale must be >= 1 (1 turns guidance off), got {args.cfg_scale}")
     labels = parse_labels(args.labels)
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(args.device, args.dist_timeout_min)
     try:
         pipe = load_pipeline(args.tokenizer, args.model, device=ctx.device)
         samples = generate_to_folder(pipe, args.out, num_images=args.num_images, batch_size=args.batch_size,

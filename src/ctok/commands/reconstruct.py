@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctok.training.dist_timeout import add_dist_timeout_argument
+
 HELP = ("encode+decode a folder with a tokenizer: rFID, PSNR, SSIM, LPIPS, a comparison grid, "
         "the reconstructions (.npz); torchrun-aware")
 
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="uint8 conversion of crops and reconstructions (see ctok.uint8)")
     parser.add_argument("--grid-images", type=int, default=8, help="image pairs in the comparison grid")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_dist_timeout_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 2:
         raise ValueError(f"--limit must be at least 2 (rFID needs a covariance), got {args.limit}")
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(args.device, args.dist_timeout_min)
     try:
         tokenizer = load_tokenizer(args.tokenizer, device=ctx.device)
         if args.image_size is not None and args.image_size != tokenizer.image_size:

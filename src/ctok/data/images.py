@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -93,16 +93,17 @@ def _crop_adm(image: Image.Image, short: int, size: int, *, centred: bool) -> Im
 _WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
 
-def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """The image file at ``path`` as an 8-bit RGB image, upright (see the module docstring for each mode).
+def read_rgb(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """The image file at ``path`` (or an open binary file, e.g. bytes from a shard) as an 8-bit RGB
+    image, upright (see the module docstring for each mode).
 
-    Raises ValueError naming the file for values that cannot be mapped to 8 bits, and PIL's errors
-    for files that cannot be decoded.
+    Raises ValueError naming the file (``name``, default ``path``) for values that cannot be mapped
+    to 8 bits, and PIL's errors for files that cannot be decoded.
     """
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)  # also forces the full decode
         if image.mode in _WIDE_MODES:
-            return _wide_to_rgb(image, _WIDE_MODES[image.mode], path)
+            return _wide_to_rgb(image, _WIDE_MODES[image.mode], path if name is None else name)
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")  # PIL's way to resolve palette transparency before dropping it
         return image.convert("RGB")
@@ -151,41 +152,44 @@ class ImageBatch(NamedTuple):
     skipped: tuple[str, ...]
 
 
-class ImageFolder(Dataset):
-    """Images under ``root`` (ImageNet layout or flat), cropped to ``image_size`` squares in [-1, 1].
+class CroppedImages(Dataset):
+    """What every image source for training shares: decode, ADM crop to ``image_size`` squares in
+    [-1, 1], optional flip, and a :class:`BrokenImage` in place of a sample that cannot be decoded.
 
     ``crop``: "center" (ADM's centre crop; evaluation and the DiT/SiT recipes) or "random"
     (:func:`random_crop_adm`; tokenizer training). ``hflip``: flip left-right with probability 1/2.
     Use ``DataLoader(dataset, collate_fn=dataset.collate)`` to get :class:`ImageBatch` es.
+    A subclass lists its samples and says how to read one (:meth:`sample`).
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int, *, crop: str = "center", hflip: bool = False):
+    classes: list[str]  # class names by class id; empty when the images are unlabelled
+
+    def __init__(self, image_size: int, *, crop: str = "center", hflip: bool = False):
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         if image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
-        self.root = Path(root)
         self.image_size = image_size
         self.crop = crop
         self.hflip = hflip
-        self.classes, self.samples = _list_images(self.root)
 
     @property
     def has_labels(self) -> bool:
-        """True for the ImageNet layout; a flat folder labels every image 0."""
+        """True for labelled images (the ImageNet layout); unlabelled ones are all label 0."""
         return bool(self.classes)
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def sample(self, index: int) -> tuple[str, int, Callable[[], Image.Image]]:
+        """(name for messages, label, a function that reads the image as RGB) of sample ``index``."""
+        raise NotImplementedError
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BrokenImage:
-        path, label = self.samples[index]
+        name, label, read = self.sample(index)
         try:
-            image = read_rgb(path)
+            image = read()
         # PIL signals undecodable data with OSError (UnidentifiedImageError, truncation), ValueError,
         # SyntaxError (some broken headers) and DecompressionBombError (absurd sizes).
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            return BrokenImage(str(path), f"{type(err).__name__}: {err}")
+            return BrokenImage(name, f"{type(err).__name__}: {err}")
         if self.crop == "center":
             image = center_crop_adm(image, self.image_size)
         else:
@@ -207,6 +211,23 @@ class ImageFolder(Dataset):
         return ImageBatch(images, labels, skipped)
 
 
+class ImageFolder(CroppedImages):
+    """Images under ``root`` (ImageNet layout or flat), cropped to ``image_size`` squares in [-1, 1]
+    (``crop`` and ``hflip`` as :class:`CroppedImages`)."""
+
+    def __init__(self, root: str | os.PathLike, image_size: int, *, crop: str = "center", hflip: bool = False):
+        super().__init__(image_size, crop=crop, hflip=hflip)
+        self.root = Path(root)
+        self.classes, self.samples = list_images(self.root)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def sample(self, index: int) -> tuple[str, int, Callable[[], Image.Image]]:
+        path, label = self.samples[index]
+        return str(path), label, lambda: read_rgb(path)
+
+
 def _walk_images(folder: Path) -> list[Path]:
     """Every image below ``folder``, sorted by path (hidden files and folders left out)."""
     found = []
@@ -216,8 +237,9 @@ def _walk_images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """(class names, [(path, label)]) for either layout; ValueError when the layout is unclear."""
+def list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, [(path, label)]) of an image folder in either layout, in the order ImageFolder
+    indexes them; FileNotFoundError for a missing folder, ValueError when the layout is unclear."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     entries = sorted(os.scandir(root), key=lambda e: e.name)

@@ -16,11 +16,13 @@ config.json:
 
 Loading (:meth:`~PretrainedModel.from_pretrained`) builds the model on the meta device and assigns
 the checkpoint's tensors to it, so it pays neither for allocating nor for randomly initialising
-weights that are overwritten at once; the file mechanics are in :mod:`ctok.models.files`.
+weights that are overwritten at once; the file mechanics are in :mod:`ctok.models.files`. Saving
+(:meth:`~PretrainedModel.save_pretrained`) also writes the model card, ``README.md``
+(:mod:`ctok.model_card`), and may upload the folder to the hub (:func:`ctok.hub.push_folder`).
 
-Import direction: this module imports :mod:`ctok.hub` (source resolution and the kind registry),
-which imports no model; each subclass registers itself there when it is defined
-(``__init_subclass__``). No model module imports anything above it.
+Import direction: this module imports :mod:`ctok.hub` (source resolution, pushing and the kind
+registry) and :mod:`ctok.model_card`, which import no model; each subclass registers itself in the hub
+when it is defined (``__init_subclass__``). No model module imports anything above it.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import torch
 import torch.nn as nn
 
 from ctok.config_types import check_value, is_plain
-from ctok.hub import BUILDERS, KIND_NAMES, LOADERS, other_kind, register, resolve
+from ctok.hub import BUILDERS, KIND_NAMES, LOADERS, other_kind, push_folder, register, resolve
+from ctok.model_card import card_facts, write_card
 from ctok.models.files import (
     CONFIG_NAME,
     LoadReport,
@@ -123,9 +126,25 @@ class PretrainedModel(nn.Module):
         return sorted(k for k in self.extra_config if k not in self.handled_keys)
 
     # -- checkpoint folders -----------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` to ``folder``; each file appears whole or not at all."""
-        return write_checkpoint(folder, self.to_config(), self.state_dict())
+    def save_pretrained(self, folder: str | os.PathLike, *, training_config: str | os.PathLike | None = None,
+                        evaluation=(), push_to_hub: str | None = None, private: bool = False,
+                        revision: str | None = None) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the model card ``README.md`` to ``folder``.
+
+        Each file appears whole or not at all. The card (:mod:`ctok.model_card`) records
+        ``training_config`` (the resolved config file the model was trained with) by its sha256 and
+        ``evaluation`` (results JSONs of ``ctok evaluate`` / ``ctok reconstruct``, with their
+        protocol cards) when given. ``push_to_hub``: a hub repo id (``owner/name``) to upload the
+        folder to afterwards (created if missing, ``private`` then; on branch ``revision``), as
+        ``ctok push`` does; offline or not logged in, the folder is written and the upload refused.
+        """
+        # The card's inputs are checked first: a refused evaluation must not leave new weights under an old card.
+        facts = card_facts(self, training_config=training_config, evaluation=evaluation)
+        folder = write_checkpoint(folder, self.to_config(), self.state_dict())
+        write_card(folder, facts, repo_id=push_to_hub)
+        if push_to_hub is not None:
+            push_folder(folder, push_to_hub, private=private, revision=revision)
+        return folder
 
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike, device: str | torch.device = "cpu"):

@@ -21,6 +21,8 @@ the computation: ``vae_1d=false``, a ``patch_size`` other than 1, a ``decoder_hi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from ctok.models.base import PretrainedModel
+from ctok.models.checkpointing import BlockStack
 from ctok.models.presets import GENERATOR_PRESET_NAMES, GENERATOR_SIZES
 from ctok.validation import check_batch, check_labels, check_tensor
 
@@ -236,8 +239,12 @@ class TransformerConfig:
 _RECORDED_KEYS = ("latent_stats", "tokenizer", "noise_schedule")
 
 
-class DiffusionTransformer(PretrainedModel):
-    """The shared network; see :class:`SiT` and :class:`DiT` for the two parameterisations."""
+class DiffusionTransformer(BlockStack, PretrainedModel):
+    """The shared network; see :class:`SiT` and :class:`DiT` for the two parameterisations.
+
+    Its blocks are recomputed in the backward pass under activation checkpointing
+    (:mod:`ctok.models.checkpointing`).
+    """
 
     # Keys that are not config fields but that the released configs carry and ctok reads or writes:
     # hub metadata, the attention kernel choice, and flags fixed for 1-D latents (checked on reading).
@@ -286,9 +293,26 @@ class DiffusionTransformer(PretrainedModel):
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
+    # True inside inputs_checked(); a class attribute, so that a model outside it needs no state.
+    _inputs_checked_by_caller = False
+
+    @contextmanager
+    def inputs_checked(self) -> Iterator[None]:
+        """Within the block, forward skips :meth:`check_inputs`: for a sampler, which checks its noise
+        and labels once per call and then feeds the model inputs built from them at every step.
+        The finite test and the label range read values back from the device, a host-device sync
+        per model evaluation that would stall the GPU at every solver step."""
+        before = self._inputs_checked_by_caller
+        self._inputs_checked_by_caller = True
+        try:
+            yield
+        finally:
+            self._inputs_checked_by_caller = before
+
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
         """Raise ValueError unless x (B, N, D), t (B,) and the labels y (B,) fit this model."""
-        if torch.compiler.is_compiling():  # checked once outside the graph; inside it they only break it
+        # Compiled: checked once outside the graph, inside it they only break it.
+        if self._inputs_checked_by_caller or torch.compiler.is_compiling():
             return
         # The finite check costs a device sync: inference gets it, training steps (which watch
         # their loss) do not.
@@ -302,7 +326,7 @@ class DiffusionTransformer(PretrainedModel):
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
-            h = block(h, c)
+            h = self.run_block(block, h, c)
         return self.final_layer(h, c)
 
     # -- configuration ---------------------------------------------------------------------

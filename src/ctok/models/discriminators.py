@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ctok.models.checkpointing import BlockStack
 from ctok.models.collectives import sum_over_processes
 from ctok.models.teachers import IMAGENET_MEAN, IMAGENET_STD, freeze
 
@@ -44,7 +45,9 @@ class GlobalBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = [0, *range(2, x.dim())]
         h = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics never in half precision
-        count = torch.tensor([h.numel() / h.shape[1]], dtype=h.dtype, device=h.device)
+        # The element count joins the sums (processes may hold different batch sizes); filled on the
+        # device, where a tensor made from the Python number would be a blocking host-to-device copy.
+        count = h.new_full((1,), h.numel() / h.shape[1])
         stats = torch.cat([h.sum(dims), h.square().sum(dims), count])
         stats = sum_over_processes(stats)
         c = x.shape[1]
@@ -87,7 +90,7 @@ def _token_head(channels: int, kernel_size: int) -> nn.Sequential:
     )
 
 
-class DinoDiscriminator(nn.Module):
+class DinoDiscriminator(BlockStack, nn.Module):
     """Trainable heads on a frozen DINO ViT (see the module docstring).
 
     ``backbone`` is a timm ViT with a class token (DINO ViT-S/16 in the recipes; any timm ViT for
@@ -95,6 +98,9 @@ class DinoDiscriminator(nn.Module):
     ``input_size`` (the ViT's own resolution): area averaging down, bicubic up. Training first
     passes larger images through :meth:`random_view`, which crops one window with probability
     ``crop_prob``. ``key_blocks`` are 0-based block indices.
+
+    Activation checkpointing recomputes the ViT's blocks: they are frozen, but the generator's
+    adversarial loss back-propagates through them to the reconstructions.
     """
 
     def __init__(self, backbone: nn.Module, input_size: int = 224, key_blocks: tuple[int, ...] = (2, 5, 8, 11),
@@ -161,7 +167,7 @@ class DinoDiscriminator(nn.Module):
 
         levels = [readout(h)]
         for i, block in enumerate(vit.blocks[: self.last_block + 1]):
-            h = block(h)
+            h = self.run_block(block, h)
             if i in self.key_blocks:
                 levels.append(readout(h))
         return levels

@@ -1,5 +1,8 @@
 """The files of a checkpoint folder in the released format: ``config.json`` + ``model.safetensors``.
 
+ctok also writes a model card, ``README.md`` (:mod:`ctok.model_card`), beside them; loading reads
+neither it nor any other file of the folder.
+
 Weights load from safetensors, or from a legacy ``pytorch_model.bin`` with ``weights_only=True``
 (no code execution). Loading is strict about the function and lenient about the rest:
 training-only weights (a REPA teacher, its projection MLP, auxiliary decoders) are ignored, and
@@ -24,6 +27,7 @@ from ctok.atomic_files import atomic_write, write_json
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
+CARD_NAME = "README.md"
 
 # Checkpoint entries that only training used; inference must neither need nor build them.
 TRAINING_ONLY_PREFIXES = ("repa_model.", "projection.", "aux_")

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ctok.numerics import without_autocast
+
 
 def init_mixed_frequencies(depth: int, num_heads: int, head_dim: int, theta: float) -> torch.Tensor:
     """Initial (2, depth, num_heads * head_dim // 2) frequencies: axial magnitudes at a random angle."""
@@ -29,16 +31,18 @@ def init_mixed_frequencies(depth: int, num_heads: int, head_dim: int, theta: flo
     return torch.stack([fx, fy]).reshape(2, depth, -1)
 
 
-def grid_positions(width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column and row of each patch in raster order (row-major), as floats."""
-    index = torch.arange(width * height, dtype=torch.float32)
+def grid_positions(width: int, height: int, device: torch.device | str | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and row of each patch in raster order (row-major), as floats, on ``device`` (None:
+    torch's default device)."""
+    index = torch.arange(width * height, dtype=torch.float32, device=device)
     return index % width, torch.div(index, width, rounding_mode="floor")
 
 
 def rotation_angles(freqs: torch.Tensor, pos_x: torch.Tensor, pos_y: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Angles (depth, heads, N, head_dim // 2) for N patches; computed in float32 even under autocast."""
     depth = freqs.shape[1]
-    with torch.autocast(device_type=freqs.device.type, enabled=False):
+    with without_autocast(freqs.device):
         f = freqs.float()
         angles = pos_x[None, :, None] * f[0][:, None, :] + pos_y[None, :, None] * f[1][:, None, :]
     return angles.view(depth, pos_x.shape[0], num_heads, -1).transpose(1, 2)

@@ -28,6 +28,7 @@ from ctok.models.base import PretrainedModel
 from ctok.models.presets import TOKENIZER_FAMILIES, TOKENIZER_PRESET_NAMES
 from ctok.models.quantizers import SoftVectorQuantizer
 from ctok.models.vit import ViTDecoder, ViTEncoder, parse_vit_name
+from ctok.numerics import without_autocast
 from ctok.validation import check_image_range, check_model_input, check_tensor
 
 VARIANTS = ("softvq", "maetok")
@@ -89,7 +90,7 @@ class TrainingOutput:
     rec: torch.Tensor  # reconstruction (B, 3, H, W)
     z: torch.Tensor  # latents the decoder saw (B, N, D)
     entropy_loss: torch.Tensor  # SoftVQ's weighted entropy loss (0 for MAETok)
-    codebook_usage: float  # SoftVQ: share of codes used recently (0 for MAETok)
+    codebook_usage: torch.Tensor  # SoftVQ: share of codes used recently, 0-d on the device (0 for MAETok)
 
 
 class Tokenizer(PretrainedModel):
@@ -191,12 +192,15 @@ class Tokenizer(PretrainedModel):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, N, D), as ``encode`` returns them (not normalised) -> images (B, 3, H, W).
 
-        Runs without autograd; float latents of any precision are cast to the model's dtype.
+        Runs without autograd, in the model's own dtype even inside an autocast region: float
+        latents of any precision are cast to it. Decoded pixels become uint8 images, and a bf16 output
+        (8 significant bits) is off by up to a quarter of a uint8 level near +-1, which moves about 8%
+        of pixels by one level; so ``ctok generate`` samples under bf16 autocast but decodes in float32.
         """
         check_tensor("latents", z, (None, self.num_tokens, self.latent_dim))
         weight = self.post_quant_conv.weight
         z = check_model_input("latents", z, weight.dtype, weight.device)
-        with torch.no_grad():
+        with torch.no_grad(), without_autocast(weight.device):
             return self.decoder(self.post_quant_conv(z), z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +218,7 @@ class Tokenizer(PretrainedModel):
     def _encode(self, x: torch.Tensor, mask: torch.Tensor | None):
         z = self.quant_conv(self.encoder(x, mask))
         if self.quantize is None:
-            return z, z.new_zeros(()), 0.0
+            return z, z.new_zeros(()), z.new_zeros((), dtype=torch.float32)
         out = self.quantize(z)
         return out.z_q, out.entropy_loss, out.codebook_usage
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
 
+from ctok.models.checkpointing import BlockStack
 from ctok.models.rope import apply_rotation, grid_positions, init_mixed_frequencies, rotation_angles, rotation_tables
 
 
@@ -199,8 +200,12 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class LatentViT(nn.Module):
-    """What encoder and decoder share: the backbone, the latent position embedding and RoPE."""
+class LatentViT(BlockStack, nn.Module):
+    """What encoder and decoder share: the backbone, the latent position embedding and RoPE.
+
+    Its blocks are recomputed in the backward pass under activation checkpointing
+    (:mod:`ctok.models.checkpointing`).
+    """
 
     def __init__(self, image_size: int, patch_size: int, size: ViTSize, num_latent_tokens: int, *,
                  class_token: bool, movq_latent_dim: int | None, drop_path_rate: float,
@@ -223,23 +228,29 @@ class LatentViT(nn.Module):
             pos_x, pos_y = grid_positions(base_grid, base_grid)
             self.register_buffer("freqs_t_x", pos_x)
             self.register_buffer("freqs_t_y", pos_y)
+            if base_grid != self.grid:
+                # Trained at base_image_size: the rotations use the positions of the actual grid. Kept
+                # as buffers outside the checkpoint, so they move with the model and a forward does not
+                # rebuild them on the CPU and copy them to the device. Built on the CPU even when the
+                # model is built on the meta device (from_pretrained): no checkpoint fills them in.
+                pos_x, pos_y = grid_positions(self.grid, self.grid, device="cpu")
+                self.register_buffer("grid_x", pos_x, persistent=False)
+                self.register_buffer("grid_y", pos_y, persistent=False)
 
     def _rope_angles(self) -> torch.Tensor:
-        if self.freqs_t_x.shape[0] == self.grid * self.grid:
-            pos_x, pos_y = self.freqs_t_x, self.freqs_t_y
-        else:  # trained at base_image_size: positions are those of the actual grid
-            pos_x, pos_y = (p.to(self.freqs.device) for p in grid_positions(self.grid, self.grid))
-        return rotation_angles(self.freqs, pos_x, pos_y, self.num_heads)
+        if hasattr(self, "grid_x"):
+            return rotation_angles(self.freqs, self.grid_x, self.grid_y, self.num_heads)
+        return rotation_angles(self.freqs, self.freqs_t_x, self.freqs_t_y, self.num_heads)
 
     def run_blocks(self, x: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
         """The block stack; RoPE (if any) rotates the image tokens, which follow the prefix tokens."""
         if not self.use_rope:
             for block in self.model.blocks:
-                x = block(x, latents)
+                x = self.run_block(block, x, latents)
             return x
         tables = rotation_tables(self._rope_angles(), self.model.num_prefix_tokens, x.shape[1])
         for block, table in zip(self.model.blocks, tables):
-            x = block(x, latents, table)
+            x = self.run_block(block, x, latents, table)
         return x
 
 

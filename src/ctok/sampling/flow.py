@@ -21,6 +21,7 @@ Classifier-free guidance mixes the velocities of the label and of the null class
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Protocol
@@ -186,7 +187,10 @@ def check_generator(model: torch.nn.Module, kind: str) -> None:
 def check_sampler_inputs(model: torch.nn.Module, kind: str, noise: torch.Tensor, labels: Labels,
                          num_steps: int) -> torch.Tensor:
     """Check a sampler's arguments (see :func:`check_generator`); returns ``labels`` as a tensor on
-    ``noise``'s device (a list of ints is converted)."""
+    ``noise``'s device (a list of ints is converted).
+
+    This is the sampling call's only check of values: the steps run under :func:`inputs_checked`.
+    """
     check_generator(model, kind)
     check_tensor("noise", noise, (None, model.num_tokens, model.in_channels))
     if not isinstance(labels, torch.Tensor):
@@ -204,6 +208,14 @@ def check_sampler_inputs(model: torch.nn.Module, kind: str, noise: torch.Tensor,
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     return labels
+
+
+def inputs_checked(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The solver loop's context: ctok's SiT and DiT skip their per-call input checks in it
+    (:meth:`~ctok.models.diffusion_transformer.DiffusionTransformer.inputs_checked`), whose reads of
+    device values would stall every step; :func:`check_sampler_inputs` has checked the inputs the
+    steps are built from. Other modules (toy models in tests) are called as they are."""
+    return model.inputs_checked() if isinstance(model, DiffusionTransformer) else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -256,10 +268,11 @@ def sample_sit(
     velocity = GuidedVelocity(model, labels, cfg_scale, guidance_interval)
     x = noise.to(torch.float64)
     steps = tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False)
-    if solver == "euler-maruyama":
-        x = _integrate_sde(velocity, path, x, steps, generator)
-    else:
-        x = _integrate_ode(velocity, x, steps, heun=solver == "heun")
+    with inputs_checked(model):
+        if solver == "euler-maruyama":
+            x = _integrate_sde(velocity, path, x, steps, generator)
+        else:
+            x = _integrate_ode(velocity, x, steps, heun=solver == "heun")
     return x.to(noise.dtype)
 
 

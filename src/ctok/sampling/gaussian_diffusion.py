@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctok.models.diffusion_transformer import NOISE_SCHEDULES
-from ctok.sampling.flow import Labels, check_guidance, check_sampler_inputs, model_dtype
+from ctok.sampling.flow import Labels, check_guidance, check_sampler_inputs, inputs_checked, model_dtype
 from ctok.sampling.noise import Generators, check_generators, randn
 
 SOLVERS = ("ddpm", "ddim")
@@ -236,13 +236,15 @@ def sample_dit(
         raise ValueError(f"num_steps must be at most the {diffusion_steps} training steps, got {num_steps}")
     diffusion = GaussianDiffusion(noise_schedule, diffusion_steps, respacing=num_steps)
     x = noise
-    for i in tqdm(reversed(range(diffusion.num_timesteps)), total=diffusion.num_timesteps, desc="sampling",
-                  disable=not progress, leave=False):
-        out = _guided_output(model, x, diffusion.timestep_map[i], labels, cfg_scale)
-        if solver == "ddim":
-            x = _ddim_step(diffusion, i, x, out, eta, generator)
-        else:
-            x = _ddpm_step(diffusion, i, x, out, generator)
+    steps = tqdm(reversed(range(diffusion.num_timesteps)), total=diffusion.num_timesteps, desc="sampling",
+                 disable=not progress, leave=False)
+    with inputs_checked(model):
+        for i in steps:
+            out = _guided_output(model, x, diffusion.timestep_map[i], labels, cfg_scale)
+            if solver == "ddim":
+                x = _ddim_step(diffusion, i, x, out, eta, generator)
+            else:
+                x = _ddpm_step(diffusion, i, x, out, generator)
     return x
 
 

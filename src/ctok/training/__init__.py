@@ -2,6 +2,7 @@
 
 * :mod:`~ctok.training.config`: YAML configs checked against dataclass schemas, ``key=value`` overrides.
 * :mod:`~ctok.training.distributed`: torchrun process groups (gloo on CPU, NCCL on GPU).
+* :mod:`~ctok.training.dist_timeout`: how long a collective waits (``run.dist_timeout_min``, ``--dist-timeout-min``).
 * :mod:`~ctok.training.sharding`: the global batch split over processes and accumulation steps.
 * :mod:`~ctok.training.schedule`: learning-rate warm-up and decay.
 * :mod:`~ctok.training.checkpoint`: atomic, rotated checkpoints and random-generator states.

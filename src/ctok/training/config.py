@@ -77,6 +77,9 @@ def build_config(schema: type[T], tree: dict, where: str = "") -> T:
     for old, new in getattr(schema, "renamed_keys", {}).items():  # a schema's ClassVar: {old key: new key}
         if old in tree:
             raise ValueError(f"config key {_join(where, old)!r} is now called {_join(where, new)!r}: rename it")
+    for old, now in getattr(schema, "replaced_keys", {}).items():  # {old key: what says it now, in words}
+        if old in tree:
+            raise ValueError(f"config key {_join(where, old)!r} is now {now}")
     unknown = sorted(set(tree) - set(fields))
     if unknown:
         names = ", ".join(repr(_join(where, k)) for k in unknown)

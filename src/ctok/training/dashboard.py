@@ -170,7 +170,8 @@ def build_dashboard(cfg, train_images: Dataset, image_size: int) -> LatentDashbo
 
     state = capture_rng_state()
     try:
-        images, note = held_out_set(cfg.eval, train_images, cfg.data.images, image_size)
+        # Shards are never Fashion-MNIST's folder, so they fall back to the last training images.
+        images, note = held_out_set(cfg.eval, train_images, cfg.data.images or cfg.data.shards, image_size)
         network = load_fmnist_classifier() if cfg.eval.feature_network == "fmnist-classifier" else None
     finally:
         restore_rng_state(state)

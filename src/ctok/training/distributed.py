@@ -3,7 +3,9 @@
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (or a rendezvous endpoint
 for several nodes); :func:`init_distributed` reads them. A plain ``python``/``ctok`` process without
 them is a world of one and needs no environment at all. NCCL carries the gradients between GPUs,
-gloo between CPU processes. Several nodes are torchrun's business::
+gloo between CPU processes. A collective waits ``timeout_min`` minutes for every process
+(:mod:`ctok.training.dist_timeout` says why the default is long). Several nodes are torchrun's
+business::
 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
         -m ctok train-sit --config sit-xl tokenizer=MAETok/maetok-b-128 data.latents=DIR
@@ -12,10 +14,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ctok.training.dist_timeout import DEFAULT_DIST_TIMEOUT_MIN, check_dist_timeout
 
 
 @dataclass(frozen=True)
@@ -34,13 +39,15 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistContext:
+def init_distributed(device: str = "auto", timeout_min: int = DEFAULT_DIST_TIMEOUT_MIN) -> DistContext:
     """Join the torchrun process group (if launched by torchrun) and pick this process's device.
 
-    ``device`` is ``auto`` (the local GPU when there is one, else the CPU), ``cpu`` or ``cuda``.
+    ``device`` is ``auto`` (the local GPU when there is one, else the CPU), ``cpu`` or ``cuda``;
+    ``timeout_min``: how long a collective waits for the other processes before it fails.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    check_dist_timeout(timeout_min)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
@@ -58,6 +65,7 @@ def init_distributed(device: str = "auto") -> DistContext:
             backend="nccl" if use_cuda else "gloo",
             init_method="env://",
             device_id=target if use_cuda else None,
+            timeout=timedelta(minutes=timeout_min),
         )
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
 

@@ -1,7 +1,7 @@
 """Training SiT and DiT on a tokenizer's latents: ``ctok train-sit`` and ``ctok train-dit``.
 
 The latents come from a cache made by ``ctok cache-latents`` (``data.latents``), or, for small
-runs, from images encoded on the fly (``data.images``), normalised on the way
+runs, from images encoded on the fly (``data.images``, or their shards ``data.shards``), normalised on the way
 (:mod:`ctok.training.generator_data`). The exported generator's config.json records the
 normalisation in ``latent_stats`` together with the tokenizer's identity, so sampling can undo it
 and refuse to decode with another tokenizer.
@@ -33,18 +33,18 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ctok.data import open_images
+from ctok.data import open_images_or_shards
 from ctok.latent_cache import LatentCache
 from ctok.loading import load_tokenizer
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord, build_preset
-from ctok.sampling.flow import FlowPath, sample_sit
+from ctok.sampling.flow import FlowPath, inputs_checked, sample_sit
 from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
 from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
-from ctok.training.generator_data import CachedLatents, EncodedImages, choose_latent_stats
+from ctok.training.generator_data import CachedLatents, EncodedImages, check_cache_precision, choose_latent_stats
 from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
 from ctok.training.sharding import BatchRandom
-from ctok.training.task import StepLosses
+from ctok.training.task import StepLosses, TrainedModule
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -54,6 +54,7 @@ class DataSection:
 
     latents: str | None = None  # a folder written by `ctok cache-latents`
     images: str | None = None  # or images encoded on the fly: an image folder or Fashion-MNIST's folder
+    shards: str | None = None  # or their webdataset shards (`ctok make-shards`): DIR/train-{000000..000127}.tar, DIR
     flip: bool = True  # on the fly: mirror each image with probability 1/2 (a cache picks one of its views)
     stats_images: int = 1024  # on the fly: random images whose latents normalise, if the tokenizer has no stats
     batch_size: int = 256  # global: over all processes and accumulation steps
@@ -144,16 +145,22 @@ def drop_labels(labels: torch.Tensor, rng: BatchRandom, prob: float, null_class:
 class GeneratorTask:
     """What SiT and DiT training share: the latent source, label dropout, the sample grid."""
 
-    def __init__(self, model: nn.Module, ema: nn.Module, latents, tokenizer: nn.Module, stats: LatentStats,
-                 samples: SamplesSection):
-        self.model = model
-        self.ema = ema
+    def __init__(self, net: TrainedModule, latents, tokenizer: nn.Module, stats: LatentStats, samples: SamplesSection):
+        self.model = net.wrapped
+        self.module = net.module
+        self.ema = ema = net.ema
         self.latents = latents
         self.tokenizer = tokenizer
         self.stats = stats
         self.samples = samples
         self.dropout = ema.config.class_dropout_prob
         self.null_class = ema.num_classes
+
+    def checked_inputs(self):
+        """The training forward's context: the data's labels were checked against the model when the
+        data was opened (:func:`check_labels_fit`) and the times are drawn here, so the model skips
+        its per-call checks, whose reads of device values would stall every step."""
+        return inputs_checked(self.module)
 
     def inputs(self, batch, rng: BatchRandom) -> tuple[torch.Tensor, torch.Tensor]:
         x0, labels = self.latents(batch, rng)
@@ -183,7 +190,8 @@ class FlowMatchingTask(GeneratorTask):
         x0, labels = self.inputs(batch, rng)
         t = self.path.sample_time(rng, self.time_sampling)
         noise = rng.randn(*x0.shape[1:])
-        return StepLosses(model=self.path.training_loss(self.model, x0, t, labels, noise))
+        with self.checked_inputs():
+            return StepLosses(model=self.path.training_loss(self.model, x0, t, labels, noise))
 
     def sample_images(self, step: int) -> torch.Tensor:
         noise, labels = self.sample_noise()
@@ -203,7 +211,8 @@ class DiffusionTask(GeneratorTask):
         x0, labels = self.inputs(batch, rng)
         t = rng.randint(self.diffusion.num_timesteps)
         noise = rng.randn(*x0.shape[1:])
-        losses = self.diffusion.training_losses(self.model, x0, t, labels, noise)
+        with self.checked_inputs():
+            losses = self.diffusion.training_losses(self.model, x0, t, labels, noise)
         terms = {name: value.mean() for name, value in losses.items() if name != "loss"}
         return StepLosses(model=losses["loss"].mean(), logs=terms)
 
@@ -268,8 +277,9 @@ def open_training_data(kind: str, cfg: GeneratorTrainConfig):
     ``source`` is the tokenizer's folder or hub id. Everything that can be wrong with the inputs is
     checked here, before a process group or a network exists, the cheap checks first.
     """
-    if (cfg.data.latents is None) == (cfg.data.images is None):
-        raise ValueError("set exactly one of data.latents (a cache from `ctok cache-latents`) and data.images")
+    if sum(source is not None for source in (cfg.data.latents, cfg.data.images, cfg.data.shards)) != 1:
+        raise ValueError("set exactly one of data.latents (a cache from `ctok cache-latents`), data.images and "
+                         "data.shards")
     check_model_section(kind, cfg.model)
     cache = LatentCache(cfg.data.latents) if cfg.data.latents else None
     if cache is not None:
@@ -293,13 +303,13 @@ def open_training_data(kind: str, cfg: GeneratorTrainConfig):
             raise ValueError(f"latent cache {cache.info.folder} was made by tokenizer {cache.info.tokenizer_identity} "
                              f"({cache.info.tokenizer_source}), not by {source} ({tokenizer.identity()})")
     else:
-        images = open_images(cfg.data.images, tokenizer.image_size)
+        images = open_images_or_shards(cfg.data.images, cfg.data.shards, tokenizer.image_size)
+        where = f"data.images {cfg.data.images}" if cfg.data.images else f"data.shards {cfg.data.shards}"
         labels = getattr(images, "labels", None)
         if labels is not None:
-            check_labels_fit((int(min(labels)), int(max(labels))), cfg.model.num_classes,
-                             f"data.images {cfg.data.images}")
+            check_labels_fit((int(min(labels)), int(max(labels))), cfg.model.num_classes, where)
         elif getattr(images, "classes", None):
-            check_labels_fit((0, len(images.classes) - 1), cfg.model.num_classes, f"data.images {cfg.data.images}")
+            check_labels_fit((0, len(images.classes) - 1), cfg.model.num_classes, where)
     return cache, images, tokenizer, source
 
 
@@ -319,18 +329,21 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
     cache, images, tokenizer, source = open_training_data(kind, cfg)
     if cfg.run.out_dir is None:
         cfg.run.out_dir = default_out_dir(cfg.model.preset, source)
-    ctx = init_distributed(cfg.run.device)
+    ctx = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     try:
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
                         free_on_resume=FREE_ON_RESUME)
         tokenizer = tokenizer.to(ctx.device).eval()
-        stats = choose_latent_stats(tokenizer, cache, images, cfg.data.stats_images, cfg.run.seed)
+        stats = choose_latent_stats(tokenizer, cache, images, cfg.data.stats_images, cfg.run.seed, cfg.run.precision)
+        if cache is not None and ctx.is_main:
+            check_cache_precision(cache, cfg.run.precision, ctx.device)
         network = build_generator(kind, cfg, tokenizer.num_tokens, tokenizer.latent_dim, stats,
                                   TokenizerRecord(tokenizer.identity(), str(source)))
         network.eval()  # see the module docstring: label dropout is drawn by the task
         model = runner.add_model(network, optim=cfg.optim, ema_decay=cfg.ema.decay)
-        latents = CachedLatents(stats) if cache is not None else EncodedImages(tokenizer, stats, cfg.data.flip)
-        common = dict(model=model.wrapped, ema=model.ema, latents=latents, tokenizer=tokenizer, stats=stats,
+        latents = (CachedLatents(stats) if cache is not None
+                   else EncodedImages(tokenizer, stats, cfg.data.flip, cfg.run.precision))
+        common = dict(net=model, latents=latents, tokenizer=tokenizer, stats=stats,
                       samples=cfg.samples)
         task = (FlowMatchingTask(**common, flow=cfg.flow) if kind == "sit"
                 else DiffusionTask(**common, diffusion=cfg.diffusion))
@@ -340,9 +353,10 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
                        f"std {stats.std:.6g} from {stats.source}")
         runner.fit(task, cache if cache is not None else images, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"
-        if ctx.is_main:
-            # The EMA copy carries the network's config, latent statistics and tokenizer included.
-            model.ema.save_pretrained(out)
+        if ctx.is_main and cfg.run.save_weights:
+            # The EMA copy carries the network's config, latent statistics and tokenizer included; the
+            # card records the resolved config the runner wrote, by its sha256.
+            model.ema.save_pretrained(out, training_config=runner.run_dir / "config.yaml")
             tqdm.write(f"exported the EMA weights to {out}")
         return out
     finally:

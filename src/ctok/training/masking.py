@@ -35,6 +35,7 @@ class MaskSchedule:
         if schedule == "anneal" and steps < 1:
             raise ValueError(f"masking.anneal_steps must be at least 1, got {steps}")
         self.schedule = schedule
+        self.low = low
         self.start = start
         self.steps = steps
         self.distribution = truncnorm((low - high) / _SCALE, 0.0, loc=high, scale=_SCALE)
@@ -44,6 +45,15 @@ class MaskSchedule:
         if self.schedule == "anneal":
             return max(0.0, self.start * (1.0 - step / self.steps))
         return float(self.distribution.ppf(u))
+
+    def may_mask_nothing(self, num_patches: int) -> bool:
+        """Whether some step's ratio may round to no patch of ``num_patches`` (an unmasked step).
+
+        ``anneal`` reaches 0 at ``anneal_steps``; ``published`` never goes below ``enc_token_drop``,
+        whose share of the patches :func:`random_patch_mask` rounds the same way.
+        """
+        lowest = 0.0 if self.schedule == "anneal" else self.low
+        return round(lowest * num_patches) == 0
 
     def step_ratio(self, seed: int, step: int) -> float:
         """The ratio of ``step`` in the run seeded ``seed``: the same in every process and on resume."""

@@ -1,20 +1,22 @@
-"""What a run reports: a console line and a JSONL record per log step, TensorBoard and W&B on request.
+"""What a run reports: a console line and a JSONL record per log step, and the trackers of ``run.report_to``.
 
 ``<run_dir>/log.jsonl`` holds one JSON object per log step (step, losses, lr, grad norm,
-samples/s, ...). It is the record to plot from. After a resume, the lines the killed run wrote past
-its last checkpoint are dropped, since the resumed run computes those steps again.
-TensorBoard and Weights & Biases are optional packages: they are imported only when the config asks
-for them, and asking for one that is not installed stops the run before it starts.
+samples/s, ...). It is the record to plot from. A run that starts at step N (0, or the step of the
+checkpoint it resumes from) drops the lines past N, which a killed run wrote and this one computes
+again. TensorBoard and Weights & Biases (:mod:`ctok.training.trackers`) receive the same records at
+the same steps.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 from tqdm import tqdm
 
 from ctok.atomic_files import atomic_write
+from ctok.training.trackers import Tracker, open_trackers
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -26,31 +28,19 @@ def read_log(path: str | Path) -> list[dict]:
 
 
 class RunLog:
-    def __init__(self, run_dir: str | Path, *, enabled: bool, resume_step: int | None = None,
-                 tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None):
+    def __init__(self, run_dir: str | Path, *, enabled: bool, start_step: int = 0, report_to: Sequence[str] = (),
+                 config: dict | None = None, wandb_project: str = "ctok", wandb_entity: str | None = None,
+                 wandb_mode: str = "auto"):
+        """``enabled``: whether this process reports (the main one); the others write and open nothing."""
         self.enabled = enabled
         self.path = Path(run_dir) / "log.jsonl"
-        self._tensorboard = None
-        self._wandb = None
+        self.trackers: list[Tracker] = []
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ValueError("run.tensorboard is true but tensorboard is not installed: "
-                                 "pip install tensorboard") from err
-            self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError as err:
-                raise ValueError(f"run.wandb is {wandb_project!r} but wandb is not installed: "
-                                 "pip install wandb") from err
-            self._wandb = wandb.init(project=wandb_project, name=Path(run_dir).name, dir=str(run_dir),
-                                     config=config, resume="allow", id=Path(run_dir).resolve().name)
+        if self.path.exists():
+            self._truncate_after(start_step)
+        self.trackers = open_trackers(report_to, Path(run_dir), start_step=start_step, config=config,
+                                      wandb_project=wandb_project, wandb_entity=wandb_entity, wandb_mode=wandb_mode)
 
     def _truncate_after(self, step: int) -> None:
         kept = []
@@ -71,27 +61,20 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         tqdm.write(" | ".join([f"step {step}"] + [f"{k} {_short(v)}" for k, v in metrics.items()]))
-        if self._tensorboard is not None:
-            for key, value in metrics.items():
-                self._tensorboard.add_scalar(key, value, step)
-        if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+        for tracker in self.trackers:
+            tracker.scalars(step, metrics)
 
     def add_image_file(self, step: int, tag: str, path: Path) -> None:
-        """Announce a picture the run wrote (W&B also uploads it)."""
+        """Announce a picture the run wrote, and hand it to the trackers."""
         if not self.enabled:
             return
         tqdm.write(f"step {step} | {tag}: {path}")
-        if self._wandb is not None:
-            import wandb
-
-            self._wandb.log({tag: wandb.Image(str(path))}, step=step)
+        for tracker in self.trackers:
+            tracker.image(step, tag, path)
 
     def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _short(value: float) -> str:

@@ -5,11 +5,11 @@ A trainer registers the network it trains (``add_model``) and, for a GAN, a disc
 its *task*, and calls :meth:`Runner.fit` with the task (see :mod:`ctok.training.task` for what a
 task is). Generator training (:mod:`ctok.training.generator`) is::
 
-    ctx = init_distributed(cfg.run.device)
+    ctx = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size)
     sit = build_preset("SiT-XL/1", ...)            # after Runner(): it seeds the initialisation
     net = runner.add_model(sit, optim=cfg.optim, ema_decay=cfg.ema.decay)
-    runner.fit(FlowMatchingTask(net.wrapped, net.ema, ...), latent_dataset, num_workers=cfg.data.num_workers)
+    runner.fit(FlowMatchingTask(net, ...), latent_dataset, num_workers=cfg.data.num_workers)
     net.ema.save_pretrained(out)
 
 Tokenizer training adds its discriminator, whose task returns both losses of a micro-batch::
@@ -25,8 +25,8 @@ takes its learning rate, clipping, AdamW step and EMA update. Modules that are n
 a frozen teacher) are not registered.
 
 The runner does everything else: device placement, DistributedDataParallel, bf16 autocast and TF32
-on CUDA, torch.compile, the learning-rate schedule, the fp32 EMA (timm's ModelEmaV3), checkpoints
-that resume exactly, the JSONL log and the progress bar.
+on CUDA, torch.compile, activation checkpointing, the learning-rate schedule, the fp32 EMA (timm's
+ModelEmaV3), checkpoints that resume exactly, the JSONL log and the progress bar.
 
 Run folder: ``config.yaml`` (the resolved config), ``checkpoints/step-XXXXXXXX.pt`` (the newest
 ``run.keep_last``), ``log.jsonl``, ``samples/step-XXXXXXXX.png``.
@@ -36,9 +36,9 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,7 @@ from tqdm import tqdm
 from ctok.atomic_files import save_image_grid
 from ctok.data.images import usable_workers
 from ctok.locking import folder_lock
+from ctok.models.checkpointing import block_stacks, set_activation_checkpointing
 from ctok.training.checkpoint import (
     capture_rng_state,
     check_resumable,
@@ -58,12 +59,14 @@ from ctok.training.checkpoint import (
     save_checkpoint,
 )
 from ctok.training.config import save_yaml
+from ctok.training.dist_timeout import DEFAULT_DIST_TIMEOUT_MIN
 from ctok.training.distributed import DistContext, barrier, gather_objects, mean_over_processes
 from ctok.training.members import Member, register
 from ctok.training.run_log import RunLog
 from ctok.training.schedule import lr_factor
 from ctok.training.sharding import BatchRandom, BatchSplit, GlobalBatchSampler
 from ctok.training.task import StepLosses, TrainedModule, TrainingTask
+from ctok.training.trackers import check_trackers
 from ctok.uint8 import to_uint8
 
 
@@ -78,6 +81,7 @@ class RunSection:
     log_every: int = 100
     ckpt_every: int = 5000
     keep_last: int = 3
+    save_weights: bool = True  # false: no checkpoints and no exported weights (throughput measurements)
     sample_every: int = 0  # 0: only at the end
     # true: continue from the run folder's newest checkpoint if there is one; false: start fresh
     # (refused if the folder has checkpoints); or a path to the checkpoint to continue from.
@@ -86,8 +90,24 @@ class RunSection:
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU always runs fp32
     tf32: bool = True
     compile: bool = False
-    tensorboard: bool = False
-    wandb: str | None = None  # a W&B project name turns W&B logging on
+    # true: recompute the transformer blocks in the backward pass (ctok.models.checkpointing): less
+    # memory for about one more forward pass of time; a model without blocks is refused
+    activation_checkpointing: bool = False
+    dist_timeout_min: int = DEFAULT_DIST_TIMEOUT_MIN  # under torchrun: how long a collective waits for all ranks
+    # Experiment trackers besides log.jsonl (ctok.training.trackers): tensorboard, wandb.
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    wandb_project: str = "ctok"
+    wandb_entity: str | None = None  # None: W&B's default (WANDB_ENTITY, or your own account)
+    # auto: WANDB_MODE if set, else online with an API key configured and offline without one
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+
+    replaced_keys: ClassVar[dict[str, str]] = {  # the keys run.report_to replaced, and how to say it now
+        "tensorboard": "run.report_to: [tensorboard] (override: run.report_to=[tensorboard])",
+        "wandb": "run.report_to: [wandb] with run.wandb_project: NAME",
+    }
+
+    def __post_init__(self):
+        check_trackers(self.report_to)  # a missing package is named when the config is read
 
 
 @dataclass
@@ -115,8 +135,11 @@ class EMASection:
 # Resolved-config keys that may change when a run is resumed: they change where a run lives, how it
 # is watched or how long it goes on, not what a step computes. Trainers add their own.
 FREE_ON_RESUME = frozenset({"run.out_dir", "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last",
-                            "run.sample_every", "run.resume", "run.device", "run.compile", "run.tensorboard",
-                            "run.wandb"})
+                            "run.save_weights", "run.sample_every", "run.resume", "run.device", "run.compile",
+                            "run.activation_checkpointing", "run.dist_timeout_min", "run.report_to",
+                            "run.wandb_project", "run.wandb_entity", "run.wandb_mode",
+                            # the keys run.report_to replaced: checkpoints written before still hold them
+                            "run.tensorboard", "run.wandb"})
 
 
 class Runner:
@@ -154,19 +177,41 @@ class Runner:
         torch.manual_seed(run.seed)
 
     # -- registration ----------------------------------------------------------------------
-    def add_model(self, module: nn.Module, *, optim: OptimSection, ema_decay: float | None = None) -> TrainedModule:
-        """Register the network that ``StepLosses.model`` trains, with AdamW and (given a decay) an EMA."""
-        return self._register("model", module, optim, ema_decay)
+    def add_model(self, module: nn.Module, *, optim: OptimSection, ema_decay: float | None = None,
+                  find_unused_parameters: bool = False) -> TrainedModule:
+        """Register the network that ``StepLosses.model`` trains, with AdamW and (given a decay) an EMA.
+
+        ``find_unused_parameters``: some steps leave trainable parameters out of the loss (MAETok's
+        mask token at an unmasked step); DDP then looks for them after every forward, which costs a
+        graph traversal, so only trainers that can skip parameters ask for it. Without it such a
+        step stops the next one under torchrun ("Expected to have finished reduction").
+        """
+        return self._register("model", module, optim, ema_decay, find_unused_parameters)
 
     def add_discriminator(self, module: nn.Module, *, optim: OptimSection) -> TrainedModule:
-        """Register the network that ``StepLosses.discriminator`` trains, with its own AdamW."""
-        return self._register("discriminator", module, optim, None)
+        """Register the network that ``StepLosses.discriminator`` trains, with its own AdamW.
 
-    def _register(self, role: str, module: nn.Module, optim: OptimSection, ema_decay: float | None) -> TrainedModule:
+        A step that returns no discriminator loss must not call its DDP wrapper either, since a
+        forward through DDP waits for gradients; the tokenizer task calls it from ``gan.start_step``
+        on, and judges the model's reconstructions through the plain module.
+        """
+        return self._register("discriminator", module, optim, None, False)
+
+    def _register(self, role: str, module: nn.Module, optim: OptimSection, ema_decay: float | None,
+                  find_unused_parameters: bool) -> TrainedModule:
         if role in self.members:
             raise ValueError(f"a {role} is already registered")
+        # Activation checkpointing: a model without blocks is refused; a discriminator without them
+        # (PatchGAN) is left as it is.
+        checkpointed = self.run.activation_checkpointing and bool(block_stacks(module))
+        if self.run.activation_checkpointing and role == "model" and not checkpointed:
+            raise ValueError(f"run.activation_checkpointing is true, but the model ({type(module).__name__}) has "
+                             "no transformer blocks to recompute: set it to false")
         self.members[role] = register(module, self.ctx, optim=optim, global_batch=self.split.global_batch,
-                                      compile=self.run.compile, ema_decay=ema_decay)
+                                      compile=self.run.compile, ema_decay=ema_decay,
+                                      find_unused_parameters=find_unused_parameters)
+        if checkpointed:  # after the EMA copy is taken: the copy (the export) carries no training setting
+            set_activation_checkpointing(module)
         return self.members[role].handle()
 
     # -- the loop --------------------------------------------------------------------------
@@ -191,8 +236,9 @@ class Runner:
                             collate_fn=collate_fn or getattr(dataset, "collate", None),
                             pin_memory=self.ctx.device.type == "cuda", persistent_workers=num_workers > 0)
         batches = iter(loader)
-        log = RunLog(self.run_dir, enabled=self.ctx.is_main, resume_step=start if start else None,
-                     tensorboard=self.run.tensorboard, wandb_project=self.run.wandb, config=self.config)
+        log = RunLog(self.run_dir, enabled=self.ctx.is_main, start_step=start, report_to=self.run.report_to,
+                     config=self.config, wandb_project=self.run.wandb_project, wandb_entity=self.run.wandb_entity,
+                     wandb_mode=self.run.wandb_mode)
         bar = tqdm(total=self.run.max_steps, initial=start, desc="train", disable=not self.ctx.is_main,
                    dynamic_ncols=True)
         sums: dict[str, torch.Tensor] = {}
@@ -216,7 +262,7 @@ class Runner:
                     sums, interval_steps, interval_start = {}, 0, time.perf_counter()
                 if getattr(task, "evaluates_at", None) and task.evaluates_at(done):  # before the checkpoint:
                     self._evaluate(task, done, log)  # a run killed in between evaluates this step again
-                if done % self.run.ckpt_every == 0 or last:
+                if self.run.save_weights and (done % self.run.ckpt_every == 0 or last):
                     self._save_checkpoint(done, sampler)
                 if (self.run.sample_every and done % self.run.sample_every == 0) or last:
                     self._save_samples(task, done, log)

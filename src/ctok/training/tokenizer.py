@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ctok.data import open_images
+from ctok.data import open_images_or_shards
 from ctok.features.hog import hog_patch_targets
 from ctok.losses.adversarial import LeCAM, adaptive_generator_weight, gan_losses, gan_weight_at
 from ctok.losses.alignment import alignment_loss
@@ -63,10 +63,12 @@ from ctok.training.tokenizer_config import EvalSection, TokenizerTrainConfig, ch
 from ctok.training.tokenizer_setup import (
     build_discriminator,
     build_heads,
+    build_mask_schedule,
     build_teachers,
     build_tokenizer,
     pretrained_requests,
     reference_images,
+    skips_parameters,
 )
 
 
@@ -242,7 +244,7 @@ class TokenizerTask:
         logs = {}
         if self.tokenizer.quantize is not None:
             logs["entropy"] = out.entropy_loss.detach()
-            logs["codebook_usage"] = torch.tensor(float(out.codebook_usage))
+            logs["codebook_usage"] = out.codebook_usage  # a device tensor: read back only when logged
         if out.alignment is not None:
             align = alignment_loss(out.alignment.float(), self.teachers[self.cfg.alignment.teacher](images))
             loss = loss + self.cfg.alignment.weight * align
@@ -295,15 +297,13 @@ class TokenizerTask:
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     """Train a tokenizer as ``cfg`` says; returns the folder of the exported EMA tokenizer."""
     # Everything that can be wrong with the inputs is checked before a process group exists.
-    if cfg.data.images is None:
-        raise ValueError("set data.images to the training images: an image folder (ImageNet class sub-folders, "
-                         "or flat) or a folder holding Fashion-MNIST's files")
     tok_config = tokenizer_config(cfg.model)
     check_options(cfg, Tokenizer.split_config(tok_config)[0])
-    dataset = open_images(cfg.data.images, Tokenizer.split_config(tok_config)[0].image_size, crop=cfg.data.crop)
+    dataset = open_images_or_shards(cfg.data.images, cfg.data.shards, Tokenizer.split_config(tok_config)[0].image_size,
+                                    crop=cfg.data.crop)
     found = {} if cfg.random_init_pretrained else locate_all(pretrained_requests(cfg))
 
-    ctx = init_distributed(cfg.run.device)
+    ctx = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     try:
         # The dashboard watches the run without changing it: it may be turned on, off or changed on resume.
         runner = Runner(cfg.run, config_to_dict(cfg), ctx, global_batch=cfg.data.batch_size,
@@ -313,7 +313,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         c = tokenizer.config
         teachers = build_teachers(cfg, c, found)
         training_model = TokenizerTrainingModel(tokenizer, *build_heads(cfg, c, teachers)).train()
-        model = runner.add_model(training_model, optim=cfg.optim, ema_decay=cfg.ema.decay)
+        masks = build_mask_schedule(cfg, tokenizer)
+        model = runner.add_model(training_model, optim=cfg.optim, ema_decay=cfg.ema.decay,
+                                 find_unused_parameters=skips_parameters(tokenizer, masks))
         discriminator = None
         if cfg.gan.enabled:
             objective = DiscriminatorObjective(
@@ -323,10 +325,6 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
             discriminator = runner.add_discriminator(objective, optim=cfg.gan.optim)
         lpips = LPIPSLoss(found.get("LPIPS VGG16 trunk")).to(ctx.device) if cfg.loss.perceptual_weight > 0 else None
         teachers = {name: t.to(ctx.device) for name, t in teachers.items()}
-        masks = None
-        if tokenizer.masks_tokens:
-            masks = MaskSchedule(c.enc_token_drop, c.enc_token_drop_max, schedule=cfg.masking.schedule,
-                                 start=cfg.masking.anneal_from, steps=cfg.masking.anneal_steps)
         fixed = reference_images(dataset, cfg.samples.num_images).to(ctx.device)
         dashboard = build_dashboard(cfg, dataset, c.image_size) if ctx.is_main and cfg.eval.every else None
         task = TokenizerTask(cfg, model, discriminator, lpips, teachers, masks, fixed, dashboard)
@@ -336,8 +334,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                        f"{c.image_size} px: {trainable:,} trainable parameters; {len(dataset):,} training images")
         runner.fit(task, dataset, num_workers=cfg.data.num_workers)
         out = Path(cfg.run.out_dir) / "final"
-        if ctx.is_main:
-            model.ema.tokenizer.save_pretrained(out)
+        if ctx.is_main and cfg.run.save_weights:
+            # The card records the resolved config the runner wrote, by its sha256.
+            model.ema.tokenizer.save_pretrained(out, training_config=runner.run_dir / "config.yaml")
             tqdm.write(f"exported the EMA tokenizer to {out}")
         return out
     finally:

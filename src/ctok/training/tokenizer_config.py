@@ -22,7 +22,10 @@ class DataSection:
     """``data:`` the training images."""
 
     images: str | None = None  # an image folder (ImageNet class sub-folders, or flat) or Fashion-MNIST's folder
-    crop: Literal["random", "center"] = "random"  # ADM's random or centre crop (image folders only)
+    # Or webdataset shards from `ctok make-shards`: DIR/train-{000000..000127}.tar, or DIR. Item i is the
+    # folder's item i, so a run on the shards is bit-identical to one on the folder.
+    shards: str | None = None
+    crop: Literal["random", "center"] = "random"  # ADM's random or centre crop (image folders and shards)
     flip: bool = True  # mirror each image with probability 1/2
     batch_size: int = 256  # global: over all processes and accumulation steps
     num_workers: int = 8

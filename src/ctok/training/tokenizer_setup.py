@@ -27,6 +27,7 @@ from ctok.models.teachers import (
     load_pretrained_encoder,
 )
 from ctok.models.tokenizer import Tokenizer, TokenizerConfig
+from ctok.training.masking import MaskSchedule
 from ctok.training.tokenizer_config import GANSection, TokenizerTrainConfig
 
 
@@ -144,3 +145,24 @@ def decoder_positions(c: TokenizerConfig) -> Positions:
     its decoder by), and the class token follows ``dec_cls_token``."""
     return Positions(class_token=c.dec_cls_token, use_ape=not c.use_rope,
                      rope_theta=c.rope_theta if c.use_rope else None, base_image_size=c.base_image_size)
+
+
+def build_mask_schedule(cfg: TokenizerTrainConfig, tokenizer: Tokenizer) -> MaskSchedule | None:
+    """MAETok's mask ratio per step, as ``masking:`` says; None for a tokenizer without a mask token."""
+    if not tokenizer.masks_tokens:
+        return None
+    c = tokenizer.config
+    return MaskSchedule(c.enc_token_drop, c.enc_token_drop_max, schedule=cfg.masking.schedule,
+                        start=cfg.masking.anneal_from, steps=cfg.masking.anneal_steps)
+
+
+def skips_parameters(tokenizer: Tokenizer, masks: MaskSchedule | None) -> bool:
+    """Whether a step may leave a trainable parameter out of the loss, which DDP must be told of.
+
+    That is the encoder's mask token at an unmasked step (the ratio rounds to no patch: annealed
+    to 0, or a published lowest ratio under half a patch), unless the encoder is frozen. Every
+    other parameter takes part in every step: the auxiliary decoders' losses average over all
+    patches when nothing is masked, and the discriminator is only run on the steps it is trained.
+    """
+    return (masks is not None and masks.may_mask_nothing(tokenizer.num_patches)
+            and tokenizer.encoder.mask_token.requires_grad)
