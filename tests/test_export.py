@@ -153,6 +153,9 @@ def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
     (folder / "readme.txt").write_text("not a model")
     with pytest.raises(FileNotFoundError, match=r"notes has no config.json; found: \['readme.txt'\]"):
         export_model(folder, tmp_path / "out")
+    (folder / "config.json").write_text('{"layers": 3}')
+    with pytest.raises(ValueError, match=r"notes is not a ctok export: config.json is neither a tokenizer's"):
+        export_model(folder, tmp_path / "out")
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "no checkpoint folder at" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

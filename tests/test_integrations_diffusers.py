@@ -73,7 +73,7 @@ def test_diffusers_save_and_load_keep_the_function_and_convert_back(tokenizer_di
     assert torch.equal(vae.decode(z).sample, tok.decode(z))
 
     back = vae.to_ctok(tmp_path / "ctok")
-    assert sorted(p.name for p in back.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in back.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert load_tokenizer(back).identity() == tok.identity()  # the same config and weights
 
 

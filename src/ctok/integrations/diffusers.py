@@ -99,5 +99,5 @@ class CtokAutoencoder(ModelMixin, ConfigMixin):
         return model.eval()
 
     def to_ctok(self, folder: str | os.PathLike) -> Path:
-        """Write the tokenizer as a ctok checkpoint folder (config.json + model.safetensors); returns it."""
+        """Write the tokenizer as a ctok checkpoint folder (config.json, the weights, the model card); returns it."""
         return self.tokenizer.save_pretrained(folder)
