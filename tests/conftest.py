@@ -154,3 +154,20 @@ def real_fashion_mnist():
     except FileNotFoundError as err:
         pytest.skip(f"needs the real Fashion-MNIST ({str(err).split('. ')[0]}): `apt-get install "
                     f"dataset-fashion-mnist` or set {ENV_VAR} to a folder with its four files")
+
+
+def assert_identical(a, b, where: str) -> None:
+    """Two checkpoint trees (dicts, lists, tensors, plain values) equal bit for bit, naming the first difference."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import assert_identical
 from ctok.cli import main
 from ctok.data import BrokenImage, ImageFolder, ImageShards, make_shards
 from ctok.data.shards import shard_files
@@ -30,6 +31,7 @@ from ctok.latent_cache import LatentCache
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.sharding import BatchSplit, GlobalBatchSampler
+from test_latent_cache import TINY_TOKENIZER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -252,12 +254,6 @@ def test_training_configs_take_images_or_shards_not_both(folder, shards, tmp_pat
     assert not (tmp_path / "run").exists() and not (tmp_path / "sit").exists()
 
 
-TINY_TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
-                      decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8,
-                      num_latent_tokens=8, codebook_embed_dim=4, codebook_size=64, num_codebooks=1,
-                      encoder_size=[64, 2, 2], decoder_size=[64, 2, 2])
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     torch.manual_seed(0)
@@ -313,24 +309,11 @@ def _assert_same_checkpoints(a: Path, b: Path, step: int):
     ours, reference = (load_checkpoint(run / "checkpoints" / f"step-{step:08d}.pt") for run in (a, b))
     assert ours["data_order"] == reference["data_order"]
     for part in ("modules", "ema", "optimizers"):
-        _assert_equal(ours[part], reference[part], part)
+        assert_identical(ours[part], reference[part], part)
     losses = [[json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()
                if "loss" in json.loads(line)] for run in (a, b)]
     assert losses[0][-step:] == losses[1][-step:]
 
-
-def _assert_equal(a, b, where: str):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from scipy.stats import kstest, norm, truncnorm
 
+from conftest import assert_identical
 from ctok.cli import main
 from ctok.losses import hinge_discriminator_loss
 from ctok.model_card import read_card
@@ -457,24 +458,10 @@ def test_killed_run_resumes_exactly(variant, synthetic_fashion_mnist, tmp_path):
     ours = load_checkpoint(killed / "checkpoints" / "step-00000006.pt")
     reference = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step-00000006.pt")
     for part in ("modules", "ema", "optimizers"):
-        _assert_same(ours[part], reference[part], part)
+        assert_identical(ours[part], reference[part], part)
     log = _log(killed)
     # The lines past the last checkpoint were redone once.
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
     assert [r["step"] for r in log if "eval/psnr_db" in r] == ([2, 4, 6] if variant == "dashboard" else [])
     last_loss = [r["loss"] for r in log if "loss" in r][-1]
     assert math.isclose(last_loss, [r["loss"] for r in _log(tmp_path / "straight") if "loss" in r][-1], rel_tol=1e-5)
-
-
-def _assert_same(a, b, where: str):
-    if isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{where}: {m}")
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
