@@ -22,7 +22,7 @@ from ctok.cli import main
 from ctok.training.checkpoint import checkpoint_path, list_checkpoints
 from ctok.training.config import build_config
 from ctok.training.run_log import RunLog, read_log
-from ctok.training.trackers import _wandb_mode
+from ctok.training.trackers import TensorBoardTracker, _wandb_mode
 from test_runner import Crash, ToyConfig, toy_config, toy_data, train
 from test_train_generator import ENV, small_cache, tokenizer, train_args  # noqa: F401 (fixtures, used by name)
 
@@ -55,8 +55,8 @@ def tensorboard_hparams(folder: Path) -> dict:
 
 
 def wait_for_the_next_second() -> None:
-    """Event files and W&B's offline folders are named by the second they were opened in: a run that
-    this process resumes within the same second could sort before the run it continues."""
+    """W&B's offline folders are named by the second they were opened in: a run that this process
+    resumes within the same second could sort before the run it continues."""
     start = int(time.time())
     while int(time.time()) == start:
         time.sleep(0.01)
@@ -118,7 +118,6 @@ def test_a_resumed_run_leaves_no_ghost_steps_in_tensorboard(tmp_path):
         train(toy_config(tmp_path, report_to=["tensorboard"]), data, crash_at=6)
     crashed = logged_scalars(tmp_path)
     assert [step for step, _ in crashed["loss"]] == [3, 6]
-    wait_for_the_next_second()
     train(toy_config(tmp_path, report_to=["tensorboard"]), data)
     logged = logged_scalars(tmp_path)
     assert [step for step, _ in logged["loss"]] == [3, 6, 9, 12]
@@ -127,12 +126,29 @@ def test_a_resumed_run_leaves_no_ghost_steps_in_tensorboard(tmp_path):
     assert tensorboard_scalars(tmp_path / "tensorboard") == logged
 
 
+def test_a_run_resumed_in_the_same_second_by_another_process_sorts_after_the_run_it_continues(tmp_path):
+    """The killed run's event file is named by this very second and a process id that sorts after ours
+    (as a restart loop's new process may): the resumed run's file must still be read last."""
+    folder = tmp_path / "tensorboard"
+    killed = TensorBoardTracker(folder, 0, None)
+    killed.scalars(1, {"loss": 1.0})
+    killed.scalars(2, {"loss": 2.0})
+    killed.scalars(3, {"loss": 3.0})  # past the step-2 checkpoint: the resumed run logs it again
+    killed.close()
+    (written,) = folder.glob("events.out.tfevents.*")
+    _, _, _, _, host, _, uid = written.name.split(".", 6)
+    written.rename(folder / f"events.out.tfevents.{int(time.time()):010d}.{host}.99999999.{uid}")
+    resumed = TensorBoardTracker(folder, 2, None)
+    resumed.scalars(3, {"loss": 30.0})
+    resumed.close()
+    assert tensorboard_scalars(folder) == {"loss": [(1, 1.0), (2, 2.0), (3, 30.0)]}
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_over_in_the_log_and_in_tensorboard(tmp_path):
     data = toy_data()
     with pytest.raises(Crash):  # logged step 3, died before the step-4 checkpoint
         train(toy_config(tmp_path, report_to=["tensorboard"]), data, crash_at=3)
     assert [step for step, _ in logged_scalars(tmp_path)["loss"]] == [3]
-    wait_for_the_next_second()
     train(toy_config(tmp_path, report_to=["tensorboard"]), data)
     logged = logged_scalars(tmp_path)
     assert [step for step, _ in logged["loss"]] == [3, 6, 9, 12]
@@ -145,7 +161,6 @@ def test_a_run_resumed_from_an_earlier_checkpoint_drops_the_later_steps(tmp_path
     data = toy_data()
     train(toy_config(tmp_path, report_to=["tensorboard"], log_every=4), data)
     first = logged_scalars(tmp_path)
-    wait_for_the_next_second()
     rerun = toy_config(tmp_path, report_to=["tensorboard"], log_every=4,
                        resume=str(checkpoint_path(tmp_path / "checkpoints", 8)))
     train(rerun, data)

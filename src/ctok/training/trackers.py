@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -71,6 +72,7 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
+        _wait_until_newer_than_the_event_files_in(folder)
         self.writer = SummaryWriter(str(folder), purge_step=start_step + 1)
         if config is not None:
             for summary in hparams(_hparam_values(config), {}):
@@ -94,6 +96,21 @@ class TensorBoardTracker:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _wait_until_newer_than_the_event_files_in(folder: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and the name starts with the second the
+    file was opened in, then the host and the process id. A run resumed within the same second as the run
+    it continues (a restart loop after a quick crash) could sort first: TensorBoard would then take the
+    older file's steps for a rewind and drop the resumed run's. Waiting for the next second (at most one,
+    bounded in case another host's clock runs ahead) keeps the files in the order they were written."""
+    seconds = [int(name.split(".")[3]) for name in (p.name for p in folder.glob("events.out.tfevents.*"))
+               if name.split(".")[3].isdigit()]
+    if not seconds:
+        return
+    deadline = time.monotonic() + 2
+    while int(time.time()) <= max(seconds) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _hparam_values(config: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
