@@ -34,8 +34,9 @@ from PIL import Image
 from benchmarks.measure import Gemm, paired_ratio, summary, throughput, timed_side_by_side
 from ctok.data import open_images
 from ctok.latent_cache import build_latent_cache
-from ctok.latent_encoding import DEFAULT_PRECISION, effective_precision, encode_views
+from ctok.latent_encoding import DEFAULT_PRECISION, encode_views
 from ctok.models.tokenizer import Tokenizer, build_tokenizer
+from ctok.numerics import effective_precision
 from ctok.training.config import build_config
 from ctok.training.distributed import init_distributed
 from ctok.training.generator import SiTTrainConfig, train_generator

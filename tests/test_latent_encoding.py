@@ -10,9 +10,10 @@ from PIL import Image
 
 from ctok.cli import build_parser, main
 from ctok.latent_cache import LatentCache, build_latent_cache
-from ctok.latent_encoding import DEFAULT_PRECISION, PRECISIONS, effective_precision, encode_latents, encode_views
+from ctok.latent_encoding import DEFAULT_PRECISION, encode_latents, encode_views
 from ctok.models.diffusion_transformer import LatentStats
 from ctok.models.tokenizer import Tokenizer
+from ctok.numerics import PRECISIONS, autocast_dtype, effective_precision
 from ctok.training.config import load_config
 from ctok.training.distributed import init_distributed
 from ctok.training.generator import DiTTrainConfig, SiTTrainConfig
@@ -47,6 +48,8 @@ def test_precision_is_bf16_only_on_cuda_and_the_cpu_encodes_in_fp32(tokenizer):
     assert effective_precision("fp32", "cuda:0") == "fp32"
     with pytest.raises(ValueError, match="precision must be one of bf16, fp32, got 'fp16'"):
         effective_precision("fp16", "cpu")
+    assert autocast_dtype("bf16", "cuda") is torch.bfloat16
+    assert autocast_dtype("bf16", "cpu") is None and autocast_dtype("fp32", "cuda") is None
     images = RandomImages(3).images
     torch.testing.assert_close(encode_latents(tokenizer, images, precision="bf16"),
                                encode_latents(tokenizer, images, precision="fp32"), rtol=0, atol=0)

@@ -38,8 +38,9 @@ from tqdm import tqdm
 
 from ctok.atomic_files import atomic_write, write_json
 from ctok.data.images import usable_workers
-from ctok.latent_encoding import DEFAULT_PRECISION, effective_precision, encode_views
+from ctok.latent_encoding import DEFAULT_PRECISION, encode_views
 from ctok.locking import folder_lock
+from ctok.numerics import effective_precision
 from ctok.settings_check import changed_keys
 from ctok.training.distributed import DistContext, barrier
 

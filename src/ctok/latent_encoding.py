@@ -3,25 +3,18 @@
 A generator trained from a latent cache (``ctok cache-latents``) and one trained on images encoded
 on the fly (``data.images``) should see the same latent for the same picture, so both go through
 this module: the images as the dataset gives them (in [-1, 1]), the mirror as the one flip
-augmentation (:func:`mirror`), the tokenizer's ``encode``, and one precision rule, the runner's:
-bfloat16 autocast on CUDA when ``bf16`` is asked for, float32 otherwise (the CPU always runs
-float32, as the trainers do there). Latents come back in float32 whatever the compute precision.
+augmentation (:func:`mirror`), the tokenizer's ``encode``, and the runner's precision rule
+(:func:`ctok.numerics.autocast_dtype`). Latents come back in float32 whatever the compute precision.
 """
 from __future__ import annotations
 
 import torch
 
-PRECISIONS = ("bf16", "fp32")
+from ctok.numerics import autocast_dtype
+
 # What the generator recipes train with (run.precision in sit-xl.yaml and dit-xl.yaml; a test
 # checks that they agree), so that a cache built with the default matches on-the-fly training.
 DEFAULT_PRECISION = "bf16"
-
-
-def effective_precision(precision: str, device: torch.device | str) -> str:
-    """What ``precision`` amounts to on ``device``: ``bf16`` only on CUDA, else ``fp32``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return "bf16" if precision == "bf16" and torch.device(device).type == "cuda" else "fp32"
 
 
 def mirror(images: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,9 +26,9 @@ def mirror(images: torch.Tensor, which: torch.Tensor | None = None) -> torch.Ten
 @torch.no_grad()
 def encode_latents(tokenizer, images: torch.Tensor, *, precision: str = DEFAULT_PRECISION) -> torch.Tensor:
     """Latents (B, N, D) float32 of images (B, C, H, W) in [-1, 1], computed as ``precision`` says on their device."""
-    bf16 = effective_precision(precision, images.device) == "bf16"
+    dtype = autocast_dtype(precision, images.device)
     # enabled=False also turns off an enclosing autocast (the runner's), so fp32 means fp32 here.
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         return tokenizer.encode(images).float()
 
 

@@ -10,6 +10,10 @@ legacy ``allow_tf32`` flags is an error in current PyTorch. :func:`tf32_on_cuda`
 switch, for generation: the released samplers ran with TF32 matmuls and convolutions on CUDA.
 :func:`without_autocast` marks a float32 island inside a bf16 autocast region: a block that must
 compute in the tensors' own precision (decoding to pixels, SoftVQ's sharp softmax).
+:func:`effective_precision` and :func:`autocast_dtype` hold the one rule of a ``precision`` setting
+(``run.precision``, ``cache-latents --precision``): bfloat16 autocast on CUDA when ``bf16`` is asked
+for, float32 everywhere else: the CPU is where ctok's tests and demo run, and they compare numbers
+in float32.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+PRECISIONS = ("bf16", "fp32")
 
 # (backend, operation) pairs whose float32 precision evaluation pins.
 _OPERATIONS = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
@@ -63,3 +69,15 @@ def without_autocast(device: torch.device | str) -> contextlib.AbstractContextMa
     if not torch.amp.is_autocast_available(kind):
         return contextlib.nullcontext()
     return torch.autocast(kind, enabled=False)
+
+
+def effective_precision(precision: str, device: torch.device | str) -> str:
+    """What ``precision`` amounts to on ``device``: ``bf16`` only on CUDA, else ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return "bf16" if precision == "bf16" and torch.device(device).type == "cuda" else "fp32"
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``: bfloat16, or None for plain float32."""
+    return torch.bfloat16 if effective_precision(precision, device) == "bf16" else None

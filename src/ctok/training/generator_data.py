@@ -20,8 +20,9 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ctok.latent_cache import LatentCache, LatentStatistics
-from ctok.latent_encoding import DEFAULT_PRECISION, effective_precision, encode_latents, mirror
+from ctok.latent_encoding import DEFAULT_PRECISION, encode_latents, mirror
 from ctok.models.diffusion_transformer import LatentStats
+from ctok.numerics import effective_precision
 from ctok.training.sharding import BatchRandom
 
 

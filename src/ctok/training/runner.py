@@ -49,6 +49,7 @@ from ctok.atomic_files import save_image_grid
 from ctok.data.images import usable_workers
 from ctok.locking import folder_lock
 from ctok.models.checkpointing import block_stacks, set_activation_checkpointing
+from ctok.numerics import autocast_dtype
 from ctok.training.checkpoint import (
     capture_rng_state,
     check_resumable,
@@ -168,10 +169,9 @@ class Runner:
         # "model" and "discriminator": also their names in checkpoints and (suffixes) in the log
         self.members: dict[str, Member] = {}
         self._resume_from = find_resume_checkpoint(run.resume, self.checkpoint_dir)
-        on_cuda = ctx.device.type == "cuda"
-        if on_cuda and run.tf32:
+        if ctx.device.type == "cuda" and run.tf32:
             torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside bf16 autocast
-        self.autocast_dtype = torch.bfloat16 if on_cuda and run.precision == "bf16" else None
+        self.autocast_dtype = autocast_dtype(run.precision, ctx.device)
         # Initialisation draws from the global generator: the same seed on every process gives every
         # process the same initial weights (DDP also broadcasts rank 0's, but the EMA copy is local).
         torch.manual_seed(run.seed)
