@@ -212,6 +212,28 @@ def test_a_limit_draws_the_same_samples_from_a_cache_as_from_its_images(workspac
     assert cached.stats.source.startswith("latent cache") and encoded.stats.source.startswith("statistics of the 50")
 
 
+def test_images_are_encoded_in_float32_inside_an_autocast_region_and_a_bad_precision_is_named(workspace):
+    """The latent dashboard encodes during training: the trainer's bf16 autocast must not reach it."""
+    from ctok.data import open_images
+    from ctok.latent_analysis import encode_images
+    from ctok.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    images = open_images(workspace / "data", 32)
+    plain = encode_images(tokenizer, images, limit=20)
+    first = images[0][0][None]
+    reference = tokenizer.encode(first)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = encode_images(tokenizer, images, limit=20)
+        # autocast is live here: a plain encode moves by more than float32 rounding
+        assert (tokenizer.encode(first).float() - reference).abs().max() > 1e-4
+    np.testing.assert_array_equal(under_autocast.latents, plain.latents)
+    assert plain.source["precision"] == "fp32"
+    assert encode_images(tokenizer, images, limit=2, precision="bf16").source["precision"] == "fp32"  # CPU
+    with pytest.raises(ValueError, match="precision must be one of bf16, fp32, got 'fp16'"):
+        encode_images(tokenizer, images, precision="fp16")
+
+
 def _one_class_images(folder):
     from ctok.data.fashion_mnist import write_idx
 

@@ -35,7 +35,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ctok.atomic_files import save_figure, write_json
 from ctok.latent_cache import LatentCache, LatentStatistics
+from ctok.latent_encoding import encode_latents
 from ctok.models.diffusion_transformer import LatentStats
+from ctok.numerics import PRECISIONS, effective_precision
 from ctok.training.generator_data import stats_subset
 
 ANALYSIS_FORMAT = "ctok-latent-analysis"
@@ -380,17 +382,22 @@ def _subset_note(chosen: int, total: int, seed: int) -> str:
 
 @torch.no_grad()
 def encode_images(tokenizer, images: Dataset, *, limit: int | None = None, seed: int = 0, batch_size: int = 64,
-                  num_workers: int = 0, data_source: str = "") -> LatentSample:
+                  num_workers: int = 0, data_source: str = "", precision: str = "fp32") -> LatentSample:
     """The latents of ``images`` ((image, label) pairs, e.g. :func:`ctok.data.open_images`) by ``tokenizer``.
 
     ``limit`` images drawn at random with ``seed`` (all when None or larger), encoded on the
-    tokenizer's device in batches. Normalised with the tokenizer config's vq_mean/vq_std when set,
-    else with the scalar mean and std of the encoded latents themselves (for a cache of the same
-    images, the cache's statistics are the same numbers). A dataset with ``has_labels`` False (a
-    flat image folder) gives ``labels`` None. Unreadable images are skipped and listed in ``source``.
+    tokenizer's device in batches, through the latent cache's own encoding path
+    (:func:`ctok.latent_encoding.encode_latents`) in ``precision``, which the source records: a cache
+    of the same images built in the same precision holds the same latents. Normalised with the
+    tokenizer config's vq_mean/vq_std when set, else with the scalar mean and std of the encoded
+    latents themselves (for such a cache, the cache's statistics are the same numbers). A dataset
+    with ``has_labels`` False (a flat image folder) gives ``labels`` None. Unreadable images are
+    skipped and listed in ``source``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     _check_limit(limit)
     indices = stats_subset(len(images), len(images) if limit is None else limit, seed)
     loader = DataLoader(Subset(images, indices), batch_size=batch_size, num_workers=num_workers,
@@ -399,7 +406,7 @@ def encode_images(tokenizer, images: Dataset, *, limit: int | None = None, seed:
     latents, labels, skipped = [], [], []
     for batch in loader:
         skipped.extend(getattr(batch, "skipped", ()))
-        latents.append(tokenizer.encode(batch[0].to(device)).float().cpu().numpy())
+        latents.append(encode_latents(tokenizer, batch[0].to(device), precision=precision).cpu().numpy())
         labels.append(torch.as_tensor(batch[1], dtype=torch.int64).numpy())
     latents = np.concatenate(latents) if latents else np.empty((0,))
     if len(latents) == 0:
@@ -412,6 +419,7 @@ def encode_images(tokenizer, images: Dataset, *, limit: int | None = None, seed:
         return LatentStats(summary["mean"], summary["std"], f"statistics of the {len(latents)} analysed latents")
 
     source = {"kind": "tokenizer", "tokenizer": tokenizer.identity(), "data": data_source,
+              "precision": effective_precision(precision, device),
               "images": _subset_note(len(indices), len(images), seed), "num_latents": len(latents),
               "skipped": skipped}
     return LatentSample(latents, np.concatenate(labels) if getattr(images, "has_labels", True) else None,

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probe (unlabelled data)")
     parser.add_argument("--view", type=int, default=0, help="cached view: 0 the image, 1 its mirror (--flip caches)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="what --tokenizer encodes in: fp32 (the default), or bf16 autocast on CUDA as "
+                             "cache-latents' default does, to compare with such a cache")
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=1,
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(name, device=device)
         samples[name] = encode_images(tokenizer, open_images(args.data, tokenizer.image_size), limit=args.limit,
                                       seed=args.seed, batch_size=args.batch_size, num_workers=args.num_workers,
-                                      data_source=str(args.data))
+                                      data_source=str(args.data), precision=args.precision)
         print(f"{name}: encoded {samples[name].source['images']} images")
     for name in args.latents:
         samples[name] = read_latent_cache(name, limit=args.limit, seed=args.seed, view=args.view)
