@@ -16,17 +16,23 @@ from pathlib import Path
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import TensorDataset
 
 import ctok
 from conftest import write_fashion_like
+from ctok.latent_cache import build_latent_cache
 from ctok.models.diffusion_transformer import LatentStats, build_preset
 from ctok.models.discriminators import GlobalBatchNorm
 from ctok.models.quantizers import SoftVectorQuantizer
+from ctok.models.tokenizer import Tokenizer
 from ctok.sampling import sample_dit, sample_sit
+from ctok.training.distributed import init_distributed
 from ctok.training.generator import DiffusionSection, DiffusionTask, FlowMatchingTask, FlowSection, SamplesSection
+from ctok.training.generator_data import EncodedImages
 from ctok.training.sharding import BatchRandom, BatchSplit
 from ctok.training.task import TrainedModule
 from ctok.validation import check_labels, check_tensor
+from test_latent_cache import TINY_TOKENIZER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,3 +204,47 @@ def test_tokenizer_training_steps_do_not_wait_for_the_device(tmp_path, monkeypat
     assert step_calls == [{}] * 3
     log = [line for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all('"loss/discriminator"' in line and '"codebook_usage"' in line for line in log)
+
+
+def _tiny_tokenizer() -> Tokenizer:
+    torch.manual_seed(0)
+    return Tokenizer.from_config(TINY_TOKENIZER).eval()
+
+
+def test_on_the_fly_latents_check_the_range_of_the_first_batch_only():
+    """Generator training on images (data.images) encodes every step: after the first batch, whose
+    value range is read back and checked, a step reads nothing back (one wait per step before)."""
+    encoded = EncodedImages(_tiny_tokenizer(), LatentStats(0.0, 1.0, "test"), flip=True, precision="bf16")
+    images, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 0])
+
+    def rng(step):
+        return BatchRandom(0, step, BatchSplit(4, 1, 1, 0), 0, torch.device("cpu"))
+
+    with SyncCounter() as first:
+        encoded((images, labels), rng(0))
+    with SyncCounter() as later:
+        encoded((images, labels), rng(1))
+        encoded((images, labels), rng(2))
+    assert first.total == 1 and later.total == 0, (first.calls, later.calls)
+    fresh = EncodedImages(_tiny_tokenizer(), LatentStats(0.0, 1.0, "test"), flip=False, precision="fp32")
+    with pytest.raises(ValueError, match=r"images must lie in \[-1, 1\], got values in \[0.*, 255\]"):
+        fresh(((images + 1) * 127.5, labels), rng(0))  # [0, 255] pixels: the first batch is still checked
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_latent_cache_waits_per_shard_not_per_batch(flip, tmp_path):
+    """Encoding 16 images in one shard reads back as often in 8 batches of 2 as in 2 batches of 8:
+    only the build's first batch has its range checked, and the shard is written once."""
+    tokenizer = _tiny_tokenizer()
+    images = TensorDataset(torch.rand(16, 3, 32, 32) * 2 - 1, torch.arange(16) % 3)
+    counts = {}
+    for batch_size in (2, 8):
+        with SyncCounter() as counter:
+            build_latent_cache(tokenizer, images, tmp_path / f"b{batch_size}", tokenizer_source="tiny",
+                               ctx=init_distributed("cpu"), batch_size=batch_size, shard_size=16, num_workers=0,
+                               flip=flip)
+        counts[batch_size] = counter.calls
+    assert counts[2] == counts[8]
+    with pytest.raises(ValueError, match=r"images must lie in \[-1, 1\]"):
+        build_latent_cache(tokenizer, TensorDataset(torch.rand(4, 3, 32, 32) * 255, torch.zeros(4)),
+                           tmp_path / "pixels", tokenizer_source="tiny", ctx=init_distributed("cpu"), num_workers=0)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +173,22 @@ class Tokenizer(PretrainedModel):
                 f"{mode} mode")
 
     # -- inference API -------------------------------------------------------------------------
+    # True inside images_checked(); a class attribute, so that a model outside it needs no state.
+    _images_checked_by_caller = False
+
+    @contextmanager
+    def images_checked(self) -> Iterator[None]:
+        """Within the block, :meth:`encode` skips its range check of the images, which reads two values
+        back from the device: a host-device sync per batch, which stalls a GPU encoding a whole
+        dataset (a latent cache, on-the-fly generator training). For a loop whose images come from
+        one dataset whose first batch was checked (or from ctok's datasets, [-1, 1] by construction)."""
+        before = self._images_checked_by_caller
+        self._images_checked_by_caller = True
+        try:
+            yield
+        finally:
+            self._images_checked_by_caller = before
+
     # encode, decode and forward run without autograd: nothing differentiates through them (training
     # uses training_forward), and recording the graph of a ViT pair costs gigabytes for a batch.
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +203,8 @@ class Tokenizer(PretrainedModel):
         weight = self.quant_conv.weight
         check_tensor("images", x, (None, 3, s, s), finite=False)  # the range check below sees NaN too
         x = check_model_input("images", x, weight.dtype, weight.device)
-        check_image_range("images", x)
+        if not self._images_checked_by_caller:
+            check_image_range("images", x)
         with torch.no_grad():
             return self._encode(x, mask=None)[0]
 

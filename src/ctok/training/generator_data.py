@@ -13,6 +13,7 @@ it was encoded in, and a run whose precision differs is warned (:func:`check_cac
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -81,13 +82,18 @@ class CachedLatents:
 
 
 class EncodedImages:
-    """Batches of images, encoded by the frozen tokenizer in ``precision`` (mirrored at random when ``flip``)."""
+    """Batches of images, encoded by the frozen tokenizer in ``precision`` (mirrored at random when ``flip``).
+
+    Only the first batch has its value range checked: the check reads back from the device, a wait
+    per training step, and every later batch comes from the same dataset.
+    """
 
     def __init__(self, tokenizer: nn.Module, stats: LatentStats, flip: bool, precision: str):
         self.tokenizer = tokenizer
         self.stats = stats
         self.flip = flip
         self.precision = precision
+        self.range_checked = False
 
     def __call__(self, batch, rng: BatchRandom) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch[0], batch[1]
@@ -97,5 +103,7 @@ class EncodedImages:
                              f"{skipped[:5]}: remove them, or train from a latent cache")
         if self.flip:
             images = mirror(images, rng.rand() < 0.5)
-        z = encode_latents(self.tokenizer, images, precision=self.precision)
+        with self.tokenizer.images_checked() if self.range_checked else contextlib.nullcontext():
+            z = encode_latents(self.tokenizer, images, precision=self.precision)
+        self.range_checked = True
         return self.stats.normalize(z), labels
