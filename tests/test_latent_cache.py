@@ -169,3 +169,58 @@ def test_an_index_naming_shards_outside_its_folder_is_refused(tmp_path):
     (tmp_path / INDEX_NAME).write_text(json_module.dumps(index))
     with pytest.raises(ValueError, match=r"names shards outside the cache's own pattern .*other-cache"):
         LatentCache(tmp_path)
+
+
+def test_a_shard_is_written_while_the_next_one_is_encoded(tokenizer, tmp_path, monkeypatch):
+    """The writes run in their own thread, one at a time: encoding shard k + 1 starts before shard k
+    is on disk, and the cache equals the one a build with no overlap writes."""
+    import threading
+    import time
+
+    import ctok.latent_cache as latent_cache
+
+    data = RandomImages(24)
+    build(tokenizer, data, tmp_path / "reference")
+    events, write = [], latent_cache._write_shard
+
+    def slow_write(out, index, *args):
+        events.append(("write starts", index, threading.current_thread().name))
+        time.sleep(0.3)
+        write(out, index, *args)
+        events.append(("write ends", index))
+
+    class Logged(RandomImages):
+        def __getitem__(self, i):
+            if i % 8 == 0:
+                events.append(("encode starts", i // 8))
+            return super().__getitem__(i)
+
+    monkeypatch.setattr(latent_cache, "_write_shard", slow_write)
+    build(tokenizer, Logged(24), tmp_path / "overlapped")
+    assert all(e[2].startswith("write-shard") for e in events if e[0] == "write starts")
+    for k in (0, 1):
+        assert events.index(("encode starts", k + 1)) < events.index(("write ends", k))
+        assert events.index(("write ends", k)) < [e[:2] for e in events].index(("write starts", k + 1))
+    for name in sorted(p.name for p in (tmp_path / "reference").iterdir()):
+        if name.endswith(".npy"):
+            assert (tmp_path / "overlapped" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+
+
+def test_a_failed_shard_write_stops_the_build_and_a_rerun_finishes_it(tokenizer, tmp_path, monkeypatch):
+    import ctok.latent_cache as latent_cache
+
+    write = latent_cache._write_shard
+
+    def disk_full_at_shard_1(out, index, *args):
+        if index == 1:
+            raise OSError(28, "No space left on device")
+        write(out, index, *args)
+
+    monkeypatch.setattr(latent_cache, "_write_shard", disk_full_at_shard_1)
+    with pytest.raises(OSError, match="No space left on device"):
+        build(tokenizer, RandomImages(24), tmp_path)
+    assert not (tmp_path / INDEX_NAME).exists() and not (tmp_path / "shard-00001.json").exists()
+    monkeypatch.setattr(latent_cache, "_write_shard", write)
+    data = RandomImages(24)
+    build(tokenizer, data, tmp_path)
+    assert len(LatentCache(tmp_path)) == 24 and data.served < 24  # shard 0 was kept

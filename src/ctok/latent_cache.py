@@ -29,6 +29,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,8 +172,17 @@ def _build(tokenizer, dataset, out: Path, settings: dict, source: str, total: in
     start = time.perf_counter()
     if todo:
         encoder = _ShardEncoder(tokenizer, settings, ctx.device, max(len(r) for r in rows))
-        for index, batches in zip(todo, _batches_by_shard(dataset, rows, batch_size, num_workers, ctx.device)):
-            _write_shard(out, index, *encoder.encode(batches, bar), settings)
+        # A shard is written by a thread while the next one is encoded, one write at a time: the
+        # encoder alternates between two buffers, and the buffer it fills next was written out
+        # (or its error raised here) before the write after it starts.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-shard") as writer:
+            written = None
+            for index, batches in zip(todo, _batches_by_shard(dataset, rows, batch_size, num_workers, ctx.device)):
+                encoded = encoder.encode(batches, bar)
+                if written is not None:
+                    written.result()
+                written = writer.submit(_write_shard, out, index, *encoded, settings)
+            written.result()
     bar.close()
     if ctx.is_main and images_todo:
         seconds = time.perf_counter() - start
@@ -201,27 +211,30 @@ def _batches_by_shard(dataset, shards: list[range], batch_size: int, num_workers
 
 
 class _ShardEncoder:
-    """Encodes shards into one reused host buffer, pinned on CUDA.
+    """Encodes shards into two host buffers in turn (pinned on CUDA), one being written while the other fills.
 
     Each batch's latents are copied to the host without waiting (``non_blocking``), so the GPU runs
-    ahead through the shard; the process waits once, before the shard is written. For the same
-    reason only the build's first batch has its value range checked (a read back from the device):
-    the others come from the same dataset. The buffer holds
-    a whole shard: ``shard_size * V * N * D`` float32 values (327 MB for 10000 images with flips of
-    128 x 32 latents).
+    ahead through the shard; the process waits once, before the shard is handed to the writer. For
+    the same reason only the build's first batch has its value range checked (a read back from the
+    device): the others come from the same dataset. A buffer holds a whole shard: ``shard_size * V
+    * N * D`` float32 values (327 MB for 10000 images with flips of 128 x 32 latents, so 654 MB for
+    the two).
     """
 
     def __init__(self, tokenizer, settings: dict, device: torch.device, rows: int):
         self.tokenizer, self.device = tokenizer, device
         self.flip, self.precision = settings["num_views"] == 2, settings["precision"]
         shape = (rows, settings["num_views"], tokenizer.num_tokens, tokenizer.latent_dim)
-        self.latents = torch.empty(shape, pin_memory=device.type == "cuda")
-        self.labels = torch.empty(rows, dtype=torch.int64)
+        self.buffers = [(torch.empty(shape, pin_memory=device.type == "cuda"), torch.empty(rows, dtype=torch.int64))
+                        for _ in range(2)]
+        self.turn = 0
         self.range_checked = False
 
     def encode(self, batches, bar: tqdm) -> tuple[np.ndarray, np.ndarray, LatentStatistics, list[str]]:
         """One shard's latents (n, V, N, D), labels (n,), their statistics and the unreadable files."""
         stats = LatentStatistics(self.tokenizer.latent_dim)
+        latents, labels = self.buffers[self.turn]
+        self.turn = 1 - self.turn
         filled, skipped = 0, []
         for batch in batches:
             images, skipped_here = batch[0].to(self.device, non_blocking=True), getattr(batch, "skipped", ())
@@ -229,14 +242,14 @@ class _ShardEncoder:
                 z = encode_views(self.tokenizer, images, flip=self.flip, precision=self.precision)
             self.range_checked = True
             stats.update(z)  # sums stay on the device: no wait here either
-            self.latents[filled:filled + len(z)].copy_(z, non_blocking=True)
-            self.labels[filled:filled + len(z)] = torch.as_tensor(batch[1], dtype=torch.int64)
+            latents[filled:filled + len(z)].copy_(z, non_blocking=True)
+            labels[filled:filled + len(z)] = torch.as_tensor(batch[1], dtype=torch.int64)
             filled += len(z)
             skipped.extend(skipped_here)
             bar.update(len(z) + len(skipped_here))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copies above have landed
-        return self.latents[:filled].numpy(), self.labels[:filled].numpy(), stats, skipped
+        return latents[:filled].numpy(), labels[:filled].numpy(), stats, skipped
 
 
 def _shard_complete(out: Path, index: int, settings: dict) -> bool:
