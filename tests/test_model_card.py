@@ -207,6 +207,28 @@ def test_ctok_push_writes_a_missing_card_and_commits_to_the_branch(conformance_d
     assert "uploaded README.md, config.json, model.safetensors to me/tiny (branch v1)" in out
 
 
+@pytest.mark.parametrize("kind", ["maetok", "sit"])
+def test_push_names_the_repo_in_a_trainers_card_and_keeps_the_rest(kind, tmp_path, hub_calls, capsys):
+    """A trainer's export has a card written without a hub id: uploaded as it was, it would tell hub
+    users to load "path/to/this-folder". push puts the repo id there and changes nothing else."""
+    folder = tiny_model(kind).save_pretrained(tmp_path / kind)
+    before = (folder / "README.md").read_text()
+    assert "path/to/this-folder" in before
+    (folder / "README.md").write_text(before + "\nA note by the owner.\n")
+    assert main(["push", str(folder), "me/tiny"]) == 0
+    after = (folder / "README.md").read_text()
+    assert "path/to/this-folder" not in after and "A note by the owner." in after
+    expected = before.replace('"path/to/this-folder"', '"me/tiny"')
+    expected = expected.replace("inspect path/to/this-folder", "inspect me/tiny").replace(
+        "--model path/to/this-folder", "--model me/tiny")
+    assert after == expected + "\nA note by the owner.\n"
+    snippet = 'load_tokenizer("me/tiny")' if kind == "maetok" else 'load_pipeline("TOKENIZER", "me/tiny")'
+    assert snippet in after
+    assert f"wrote the model card {folder / 'README.md'} (its loading snippet names me/tiny)" in capsys.readouterr().out
+    assert main(["push", str(folder), "me/tiny"]) == 0  # named already: uploaded as it is
+    assert "wrote the model card" not in capsys.readouterr().out
+
+
 def push_error(args, capsys) -> str:
     assert main(["push", *map(str, args)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

@@ -36,6 +36,7 @@ METRIC_NAMES = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Scor
                 "recall": "Recall", "rfid": "rFID", "psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS"}
 # Facts that were passed in rather than read off the model: what a re-save may carry over.
 _PASSED_IN = ("training_config", "evaluation")
+FOLDER_PLACEHOLDER = "path/to/this-folder"  # what the loading snippet names without a hub id
 
 
 def card_facts(model, *, training_config: str | os.PathLike | None = None, evaluation=()) -> dict:
@@ -68,6 +69,22 @@ def write_card(folder: str | os.PathLike, facts: dict, *, repo_id: str | None = 
     with atomic_write(path, "w") as f:
         f.write(render_card(facts, repo_id))
     return path
+
+
+def name_repo_in_card(folder: str | os.PathLike, repo_id: str) -> bool:
+    """Put ``repo_id`` where ``folder``'s card names this folder by the placeholder a card written
+    without a hub id gets (its loading snippet), leaving the rest of the card as it is; returns whether
+    anything changed. Uploaded as it was, the card would tell hub users to load "path/to/this-folder"."""
+    path = Path(folder) / CARD_NAME
+    text = path.read_text(encoding="utf-8")
+    named = text.replace(f'"{FOLDER_PLACEHOLDER}"', f'"{repo_id}"')  # in the Python snippet
+    for command in ("ctok inspect ", "--model "):  # and in the command line that follows it
+        named = named.replace(f"{command}{FOLDER_PLACEHOLDER}", f"{command}{repo_id}")
+    if named == text:
+        return False
+    with atomic_write(path, "w") as f:
+        f.write(named)
+    return True
 
 
 def read_card(folder: str | os.PathLike) -> dict | None:
@@ -209,7 +226,7 @@ def render_card(facts: dict, repo_id: str | None = None) -> str:
     """The whole README.md: front matter, then the card's sections."""
     head = yaml.safe_dump(front_matter(facts), sort_keys=False, allow_unicode=True)
     sections = [_title(facts), _figures(facts), _latents(facts), _training(facts), _evaluations(facts),
-                _license(facts), _loading(facts, repo_id or "path/to/this-folder")]
+                _license(facts), _loading(facts, repo_id or FOLDER_PLACEHOLDER)]
     return f"---\n{head}---\n\n" + "\n\n".join(sections) + "\n"
 
 

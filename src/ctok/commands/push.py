@@ -17,6 +17,6 @@ def run(args) -> int:
 
     upload, card = publish(args.folder, args.repo_id, private=args.private, revision=args.revision)
     if card is not None:
-        print(f"wrote the model card {card}")
+        print(f"wrote the model card {card} (its loading snippet names {args.repo_id})")
     print(f"uploaded {', '.join(upload.files)} to {upload.repo_id} (branch {upload.revision}): {upload.url}")
     return 0
