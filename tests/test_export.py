@@ -29,7 +29,7 @@ assert EXAMPLE_BATCH not in BATCHES
 
 @pytest.fixture(scope="module", params=list(CASES))
 def exported(request, conformance_dir, tmp_path_factory):
-    """(case name, export folder, manifest) of each conformance case, exported once."""
+    """(case name, ONNX output folder, manifest) of each conformance case, exported once."""
     name = request.param
     out = tmp_path_factory.mktemp("onnx") / name
     return name, out, export_model(conformance_dir / name, out)
@@ -154,7 +154,7 @@ def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"notes has no config.json; found: \['readme.txt'\]"):
         export_model(folder, tmp_path / "out")
     (folder / "config.json").write_text('{"layers": 3}')
-    with pytest.raises(ValueError, match=r"notes is not a ctok export: config.json is neither a tokenizer's"):
+    with pytest.raises(ValueError, match=r"notes is not a ctok checkpoint folder: config.json is neither a tokenizer"):
         export_model(folder, tmp_path / "out")
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "no checkpoint folder at" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Model cards (README.md in every export folder) and publishing to the hub, tested offline up to the upload."""
+"""Model cards (README.md in every checkpoint folder) and publishing to the hub, tested offline up to the upload."""
 from __future__ import annotations
 
 import hashlib
@@ -257,6 +257,6 @@ def test_push_refuses_offline_unlogged_unreachable_and_non_exports_before_upload
     assert f"{folder} has no model.safetensors" in push_error([folder, "me/tiny"], capsys)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text('{"lr": 0.1}')
-    assert "is not a ctok export" in push_error([tmp_path / "run", "me/tiny"], capsys)
+    assert "is not a ctok checkpoint folder" in push_error([tmp_path / "run", "me/tiny"], capsys)
     assert "is not a hub repo id" in push_error([tiny_model("sit").save_pretrained(tmp_path / "s"), "a/b/c"], capsys)
     assert hub_calls == []  # nothing reached the hub's write methods

@@ -1,6 +1,6 @@
 """``ctok train-sit`` / ``ctok train-dit`` on cached latents of images in Fashion-MNIST's format (drawn shapes).
 
-Covers: bad input stopped before training, the loss falling well below its start, the exported EMA
+Covers: bad input stopped before training, the loss falling well below its start, the saved EMA
 loading and sampling, resume after ``kill -9``, and 2-process torchrun against 1 process.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ctok import __version__
 from ctok.atomic_files import atomic_folder, weights_sha256, write_json
-from ctok.hub import export_files
+from ctok.hub import checkpoint_files
 from ctok.loading import load_any
 from ctok.models.tokenizer import Tokenizer
 
@@ -106,7 +106,7 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, *, format: str 
         raise ValueError(f"{out} already exists and is not an empty folder; export into a new folder")
     require_onnx()
     if Path(src).expanduser().is_dir():
-        export_files(src)  # a local folder is checked, and a wrong one named, as ctok push does
+        checkpoint_files(src)  # a local folder is checked, and a wrong one named, as ctok push does
     model, report = load_any(src, "cpu")
     with atomic_folder(out) as staging:
         manifest = _export_into(staging, model, opset)

@@ -5,8 +5,8 @@ Hub downloads go through huggingface_hub's cache; offline (``HF_HUB_OFFLINE=1``)
 network, a missing checkpoint raises an error that says what to download and where to put it. A
 preset name (``maetok-b-128``, ``SiT-XL/1``) is refused with what to call instead.
 
-Publishing: :func:`push_folder` uploads an export folder (``config.json``, the weights and the model
-card) to a hub model repo in one commit, after checking that the folder is a ctok export and that
+Publishing: :func:`push_folder` uploads a checkpoint folder (``config.json``, the weights and the model
+card) to a hub model repo in one commit, after checking that the folder is a ctok checkpoint folder and that
 the hub can be reached: offline (``HF_HUB_OFFLINE=1``), without a token or without network it says
 so in one line before anything is created or uploaded.
 
@@ -121,26 +121,26 @@ class Upload:
     url: str
 
 
-def export_files(folder: str | os.PathLike) -> list[str]:
-    """The files of the ctok export ``folder`` that an upload sends: config.json, the weights, README.md.
+def checkpoint_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the ctok checkpoint ``folder`` that an upload sends: config.json, the weights, README.md.
 
-    Raises unless ``folder`` is an export: a config.json of a tokenizer, SiT or DiT beside its weights.
+    Raises unless ``folder`` is a checkpoint folder: a config.json of a tokenizer, SiT or DiT beside its weights.
     Nothing else in the folder (checkpoints, logs, samples) is ever sent.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"no export folder at {folder} (a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise FileNotFoundError(f"no checkpoint folder at {folder} (a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         model_kind(read_config(folder))
     except ValueError as err:
-        raise ValueError(f"{folder} is not a ctok export: {err}") from None
+        raise ValueError(f"{folder} is not a ctok checkpoint folder: {err}") from None
     names = [CONFIG_NAME, weights_file(folder).name]
     return sorted(names + [CARD_NAME] if (folder / CARD_NAME).is_file() else names)
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
                 revision: str | None = None) -> Upload:
-    """Upload the export ``folder`` (:func:`export_files`) to the hub model repo ``repo_id`` in one commit.
+    """Upload the checkpoint ``folder`` (:func:`checkpoint_files`) to the hub model repo ``repo_id`` in one commit.
 
     The repo is created when missing (private with ``private=True``; an existing repo keeps its
     visibility), and so is the branch ``revision`` (default: main). The folder, the offline switch,
@@ -150,7 +150,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     folder = Path(folder).expanduser()
-    files = export_files(folder)
+    files = checkpoint_files(folder)
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
@@ -168,7 +168,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, allow_patterns=files,
-                                   commit_message=f"Upload a ctok export ({', '.join(files)})")
+                                   commit_message=f"Upload a ctok checkpoint folder ({', '.join(files)})")
     except Exception as err:
         raise _hub_error(err, refused) from None
     return Upload(repo_id, revision or "main", files, str(commit.commit_url))

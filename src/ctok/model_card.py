@@ -1,4 +1,4 @@
-"""The model card of an export folder: ``README.md``, Hugging Face metadata and what the model is.
+"""The model card of a checkpoint folder: ``README.md``, Hugging Face metadata and what the model is.
 
 Every folder :meth:`~ctok.models.base.PretrainedModel.save_pretrained` writes (so every trainer's
 ``final`` export too) gets a card: YAML front matter the hub reads (licence, library, tags, pipeline

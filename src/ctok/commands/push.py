@@ -1,11 +1,11 @@
-"""ctok push FOLDER REPO_ID: upload an export folder (config.json, weights, model card) to the hub."""
+"""ctok push FOLDER REPO_ID: upload a checkpoint folder (config.json, weights, model card) to the hub."""
 from __future__ import annotations
 
-HELP = "upload an export folder (config.json, weights, model card README.md) to a Hugging Face hub model repo"
+HELP = "upload a checkpoint folder (config.json, weights, model card README.md) to a Hugging Face hub model repo"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("folder", help="an export folder: config.json + model.safetensors (a run's final/)")
+    parser.add_argument("folder", help="a checkpoint folder: config.json + model.safetensors (a run's final/)")
     parser.add_argument("repo_id", help="the hub model repo, owner/name (created when missing)")
     parser.add_argument("--private", action="store_true",
                         help="create the repo private (an existing repo keeps its visibility)")

@@ -109,7 +109,7 @@ class Demo:
 
     def train(self, kind: str, config: str, run: str, steps: int, batch: int, *overrides: str) -> Path:
         """Train a ``kind`` ("tokenizer" or "sit") from the packaged ``config`` with ``key=value``
-        ``overrides`` into runs/<run>, unless its exported final weights exist; returns that folder."""
+        ``overrides`` into runs/<run>, unless its final weights exist; returns that folder."""
         from ctok.training.config import load_config
         from ctok.training.generator import SiTTrainConfig, train_generator
         from ctok.training.tokenizer import TokenizerTrainConfig, train_tokenizer

@@ -5,7 +5,7 @@ latents exactly as the pixel decoder does (projected into its width, with the ra
 modulating its norms) and maps every image position to a target feature instead of pixels. With
 one decoder per target (HOG, DINOv2 and SigLIP patch features) the encoder must put into its few
 latent tokens what those targets know about the patches it never saw. The decoders exist only in
-training: the exported tokenizer does not carry them.
+training: the saved tokenizer does not carry them.
 
 Training gives them the position encoding and class-token layout of the tokenizer's own decoder
 (:class:`Positions`): under the released MAETok settings that is RoPE-Mixed on the image tokens,

@@ -2,7 +2,7 @@
 
 The latents come from a cache made by ``ctok cache-latents`` (``data.latents``), or, for small
 runs, from images encoded on the fly (``data.images``, or their shards ``data.shards``), normalised on the way
-(:mod:`ctok.training.generator_data`). The exported generator's config.json records the
+(:mod:`ctok.training.generator_data`). The saved generator's config.json records the
 normalisation in ``latent_stats`` together with the tokenizer's identity, so sampling can undo it
 and refuse to decode with another tokenizer.
 
@@ -245,7 +245,7 @@ def build_generator(kind: str, cfg: GeneratorTrainConfig, num_tokens: int, laten
                     stats: LatentStats | None = None, tokenizer: TokenizerRecord | None = None) -> SiT | DiT:
     """The network of ``model.preset`` sized for the tokenizer's latents.
 
-    ``stats`` and ``tokenizer`` go into its config, so that the exported config.json tells sampling
+    ``stats`` and ``tokenizer`` go into its config, so that the saved config.json tells sampling
     how to undo the normalisation and which tokenizer decodes the latents (a DiT's also records its
     noise schedule).
     """
@@ -321,7 +321,7 @@ def default_out_dir(preset: str, tokenizer_source: str) -> str:
 
 
 def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
-    """Train a SiT (``kind="sit"``) or DiT (``"dit"``) as ``cfg`` says; returns the exported folder.
+    """Train a SiT (``kind="sit"``) or DiT (``"dit"``) as ``cfg`` says; returns its checkpoint folder (``final``).
 
     One recipe serves every tokenizer (``sit-xl.yaml`` with ``tokenizer=...``): the latent shape
     comes from the tokenizer, and an unset ``run.out_dir`` from its name (:func:`default_out_dir`).
@@ -357,7 +357,7 @@ def train_generator(kind: str, cfg: GeneratorTrainConfig) -> Path:
             # The EMA copy carries the network's config, latent statistics and tokenizer included; the
             # card records the resolved config the runner wrote, by its sha256.
             model.ema.save_pretrained(out, training_config=runner.run_dir / "config.yaml")
-            tqdm.write(f"exported the EMA weights to {out}")
+            tqdm.write(f"saved the EMA weights to {out}")
         return out
     finally:
         shutdown_distributed()

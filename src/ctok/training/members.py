@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the runner imports this module: its sections are only named
 class Member:
     """A registered module and everything that updates it."""
 
-    module: nn.Module  # the plain module: state dicts, EMA, export
+    module: nn.Module  # the plain module: state dicts, EMA, final weights
     ddp: DistributedDataParallel | None
     wrapped: nn.Module  # what the task calls: compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer

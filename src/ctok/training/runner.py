@@ -82,7 +82,7 @@ class RunSection:
     log_every: int = 100
     ckpt_every: int = 5000
     keep_last: int = 3
-    save_weights: bool = True  # false: no checkpoints and no exported weights (throughput measurements)
+    save_weights: bool = True  # false: no training checkpoints and no final weights (throughput measurements)
     sample_every: int = 0  # 0: only at the end
     # true: continue from the run folder's newest checkpoint if there is one; false: start fresh
     # (refused if the folder has checkpoints); or a path to the checkpoint to continue from.
@@ -210,7 +210,7 @@ class Runner:
         self.members[role] = register(module, self.ctx, optim=optim, global_batch=self.split.global_batch,
                                       compile=self.run.compile, ema_decay=ema_decay,
                                       find_unused_parameters=find_unused_parameters)
-        if checkpointed:  # after the EMA copy is taken: the copy (the export) carries no training setting
+        if checkpointed:  # after the EMA copy is taken: the copy (the final weights) carries no training setting
             set_activation_checkpointing(module)
         return self.members[role].handle()
 

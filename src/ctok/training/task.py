@@ -55,7 +55,7 @@ class TrainedModule:
     same step, so a pass that only feeds another module's loss (the discriminator's verdict in the
     model's adversarial term) goes through ``module``, the plain network (also the way to its
     submodules and parameters). ``ema`` is the fp32 exponential moving average (None without one),
-    for sample grids and the export.
+    for sample grids and the final weights.
     """
 
     module: nn.Module

@@ -16,7 +16,7 @@ reads images larger than its 224 px input through a random view (one crop window
 resize, see :func:`judge`). Scaling the discriminator loss by ``w_gan`` while the consistency
 term is not follows the original code.
 The mask ratio follows the published distribution in stage one and is annealed to 0 in MAETok's
-decoder fine-tuning stage, which starts from a stage-one export (``init.tokenizer``) with the
+decoder fine-tuning stage, which starts from stage one's checkpoint folder (``init.tokenizer``) with the
 encoder frozen and no auxiliary decoders.
 
 All the shared machinery (DDP, accumulation, AdamW with the warm-up + cosine schedule, clipping,
@@ -296,7 +296,7 @@ class TokenizerTask:
 
 # -- the run ---------------------------------------------------------------------------------
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
-    """Train a tokenizer as ``cfg`` says; returns the folder of the exported EMA tokenizer."""
+    """Train a tokenizer as ``cfg`` says; returns the checkpoint folder of the EMA tokenizer."""
     # Everything that can be wrong with the inputs is checked before a process group exists.
     tok_config = tokenizer_config(cfg.model)
     check_options(cfg, Tokenizer.split_config(tok_config)[0])
@@ -338,7 +338,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         if ctx.is_main and cfg.run.save_weights:
             # The card records the resolved config the runner wrote, by its sha256.
             model.ema.tokenizer.save_pretrained(out, training_config=runner.run_dir / "config.yaml")
-            tqdm.write(f"exported the EMA tokenizer to {out}")
+            tqdm.write(f"saved the EMA tokenizer to {out}")
         return out
     finally:
         shutdown_distributed()

@@ -37,7 +37,7 @@ class InitSection:
 
     encoder: str | None = None  # timm name of a pretrained ViT for the encoder (SoftVQ: DINOv2)
     encoder_file: str | None = None  # a local copy of its weights
-    tokenizer: str | None = None  # a stage-one export (folder or hub id) to continue from
+    tokenizer: str | None = None  # stage one's checkpoint folder (or hub id) to continue from
     freeze_encoder: bool = False  # train the decoder only (MAETok's decoder fine-tuning)
     # How the tokenizer's linear layers start before any weights above are loaded: "trunc_normal"
     # (std 0.02 with zero MoVQ modulations, timm's ViT default and the original's) or "xavier"

@@ -91,7 +91,7 @@ def init_linear_xavier(module: nn.Module) -> None:
 
 
 def build_tokenizer(cfg: TokenizerTrainConfig, tok_config: dict, found: dict[str, Path]) -> Tokenizer:
-    """The tokenizer to train: its linear init, then a pretrained encoder or a stage-one export, then
+    """The tokenizer to train: its linear init, then a pretrained encoder or stage one's checkpoint folder, then
     the encoder frozen for decoder fine-tuning. ``found``: local weight files by request name."""
     tokenizer = Tokenizer.from_config(tok_config)
     c = tokenizer.config
