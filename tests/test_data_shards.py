@@ -165,6 +165,45 @@ def test_a_run_stopped_part_way_resumes_with_only_the_missing_shards(folder, sha
         assert (out / name).read_bytes() == (shards / name).read_bytes(), name
 
 
+# A make-shards run on a slow disk (each file takes 0.1 s to read), to be killed while it writes.
+SLOW_MAKE_SHARDS = """
+import pathlib, sys, time
+from ctok.cli import main
+read = pathlib.Path.read_bytes
+def slow(self):
+    time.sleep(0.1)
+    return read(self)
+pathlib.Path.read_bytes = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_make_shards_killed_with_sigkill_resumes_to_the_uninterrupted_result(folder, tmp_path, monkeypatch):
+    out, args = tmp_path / "out", ["--data", str(folder), "--shard-size", "2"]
+    process = subprocess.Popen([sys.executable, "-c", SLOW_MAKE_SHARDS, "make-shards", *args, "--out", str(out),
+                                "--workers", "2"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("train-*.tar"))) < 4:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.05)  # into the next shards' first reads: their temporaries are there (the fast test checks them)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")}
+    assert 4 <= len(kept) < 13 and not (out / "shards.json").exists(), "the run ended before it was killed"
+    written = _written_shards(monkeypatch)
+    assert main(["make-shards", *args, "--out", str(out), "--workers", "3"]) == 0
+    assert len(written) == 13 - len(kept) and not set(written) & set(kept)
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+    make_shards(folder, tmp_path / "uninterrupted", 2, workers=1)
+    names = sorted(p.name for p in (tmp_path / "uninterrupted").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names  # no temporary and no plan left
+    for name in names[1:]:
+        assert (out / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes(), name
+
+
 def test_a_rerun_with_another_plan_is_refused_naming_what_differs(folder, tmp_path, monkeypatch, capsys):
     data, out = tmp_path / "data", tmp_path / "out"
     shutil.copytree(folder, data)
