@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,9 +25,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import assert_identical
-from ctok.cli import main
+from ctok.cli import build_parser, main
 from ctok.data import BrokenImage, ImageFolder, ImageShards, make_shards
-from ctok.data.shards import shard_files
+from ctok.data import shards as shards_module
+from ctok.data.shards import DEFAULT_WORKERS, shard_files
 from ctok.latent_cache import LatentCache
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
@@ -63,6 +65,9 @@ def shards(folder, tmp_path_factory):
     return out
 
 
+SET_FILES = [".ctok.lock", "shards.json"] + [f"train-00000{i}.tar" for i in range(4)]  # the finished set
+
+
 def pattern(shards: Path) -> str:
     return f"{shards}/train-{{000000..000003}}.tar"
 
@@ -70,7 +75,7 @@ def pattern(shards: Path) -> str:
 # -- writing ---------------------------------------------------------------------------------------
 def test_make_shards_writes_the_folders_files_in_order_with_their_bytes(folder, shards):
     samples = ImageFolder(folder, 8).samples
-    assert sorted(p.name for p in shards.iterdir()) == ["shards.json"] + [f"train-00000{i}.tar" for i in range(4)]
+    assert sorted(p.name for p in shards.iterdir()) == SET_FILES
     members = []
     for i in range(4):
         with tarfile.open(shards / f"train-00000{i}.tar") as tar:
@@ -87,24 +92,139 @@ def test_make_shards_writes_the_folders_files_in_order_with_their_bytes(folder, 
     assert all(s["filesize"] == (shards / s["url"]).stat().st_size for s in index["shardlist"])
 
 
-def test_the_same_folder_gives_byte_identical_shards(folder, shards, tmp_path):
-    make_shards(folder, tmp_path, SHARD_SIZE)
-    for i in range(4):
-        name = f"train-00000{i}.tar"
-        assert (tmp_path / name).read_bytes() == (shards / name).read_bytes()
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_same_folder_gives_byte_identical_shards_with_any_number_of_workers(folder, shards, tmp_path, workers):
+    """The fixture's shards came from the CLI's default of 8 workers."""
+    make_shards(folder, tmp_path, SHARD_SIZE, workers=workers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == SET_FILES
+    for name in SET_FILES[1:]:
+        assert (tmp_path / name).read_bytes() == (shards / name).read_bytes(), name
+
+
+def test_one_and_three_workers_write_the_same_many_small_shards(folder, tmp_path):
+    for workers in (1, 3):
+        make_shards(folder, tmp_path / str(workers), 2, workers=workers)
+    names = sorted(p.name for p in (tmp_path / "1").iterdir())
+    assert len(names) == 2 + 13 and names == sorted(p.name for p in (tmp_path / "3").iterdir())
+    assert all((tmp_path / "1" / n).read_bytes() == (tmp_path / "3" / n).read_bytes() for n in names[1:])
 
 
 def test_make_shards_refuses_what_it_cannot_write(folder, shards, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [(["--data", str(tmp_path / "nowhere")], "does not exist or is not a directory"),
              (["--data", str(tmp_path / "empty")], "no images (bmp/jpeg/jpg/png/tif/tiff/webp, any case) found"),
-             (["--data", str(folder), "--shard-size", "0"], "--shard-size must be at least 1, got 0")]
+             (["--data", str(folder), "--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+             (["--data", str(folder), "--workers", "0"], "--workers must be at least 1, got 0")]
     for args, message in cases:
         assert main(["make-shards", "--out", str(tmp_path / "out"), *args]) == 2
         assert message in capsys.readouterr().err
     assert main(["make-shards", "--data", str(folder), "--out", str(shards)]) == 2
     assert "already holds a finished set of shards (shards.json); choose another --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        main(["make-shards", "--data", str(folder), "--out", str(tmp_path / "out"), "--workers", "two"])
+    assert caught.value.code == 2 and "argument --workers: invalid int value: 'two'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    assert build_parser().parse_args(["make-shards", "--data", "d", "--out", "o"]).workers == DEFAULT_WORKERS
+
+
+WRITE_SHARD = shards_module._write_shard  # the writer itself, whichever wrapper a test has put in its place
+
+
+def _written_shards(monkeypatch, fail_after: int | None = None) -> list[str]:
+    """Count the shards the writer writes from now on; with ``fail_after``, the next one after that
+    many raises, as a run killed part-way would stop (workers=1 writes them in order)."""
+    written = []
+
+    def counted(path, *args):
+        if fail_after is not None and len(written) == fail_after:
+            raise RuntimeError("killed")
+        WRITE_SHARD(path, *args)
+        written.append(path.name)
+
+    monkeypatch.setattr(shards_module, "_write_shard", counted)
+    return written
+
+
+def test_a_run_stopped_part_way_resumes_with_only_the_missing_shards(folder, shards, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _written_shards(monkeypatch, fail_after=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        make_shards(folder, out, SHARD_SIZE, workers=1)
+    assert sorted(p.name for p in out.iterdir()) == [".ctok.lock", "shards-plan.json", "train-000000.tar",
+                                                     "train-000001.tar"]
+    kept = {n: (out / n).stat().st_mtime_ns for n in ("train-000000.tar", "train-000001.tar")}
+    (out / ".train-000002.tar.k1ll3d.tmp").write_bytes(b"half a shard")  # what kill -9 leaves mid-write
+    time.sleep(0.01)  # a rewritten shard would show a later mtime
+    written = _written_shards(monkeypatch)
+    make_shards(folder, out, SHARD_SIZE, workers=3)
+    assert sorted(written) == ["train-000002.tar", "train-000003.tar"]
+    assert "2 of 4 shards are there already; writing the other 2" in capsys.readouterr().out
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+    assert sorted(p.name for p in out.iterdir()) == SET_FILES  # no plan, no temporary left
+    for name in SET_FILES[1:]:
+        assert (out / name).read_bytes() == (shards / name).read_bytes(), name
+
+
+# A make-shards run on a slow disk (each file takes 0.1 s to read), to be killed while it writes.
+SLOW_MAKE_SHARDS = """
+import pathlib, sys, time
+from ctok.cli import main
+read = pathlib.Path.read_bytes
+def slow(self):
+    time.sleep(0.1)
+    return read(self)
+pathlib.Path.read_bytes = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_make_shards_killed_with_sigkill_resumes_to_the_uninterrupted_result(folder, tmp_path, monkeypatch):
+    out, args = tmp_path / "out", ["--data", str(folder), "--shard-size", "2"]
+    process = subprocess.Popen([sys.executable, "-c", SLOW_MAKE_SHARDS, "make-shards", *args, "--out", str(out),
+                                "--workers", "2"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("train-*.tar"))) < 4:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.05)  # into the next shards' first reads: their temporaries are there (the fast test checks them)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")}
+    assert 4 <= len(kept) < 13 and not (out / "shards.json").exists(), "the run ended before it was killed"
+    written = _written_shards(monkeypatch)
+    assert main(["make-shards", *args, "--out", str(out), "--workers", "3"]) == 0
+    assert len(written) == 13 - len(kept) and not set(written) & set(kept)
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+    make_shards(folder, tmp_path / "uninterrupted", 2, workers=1)
+    names = sorted(p.name for p in (tmp_path / "uninterrupted").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names  # no temporary and no plan left
+    for name in names[1:]:
+        assert (out / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes(), name
+
+
+def test_a_rerun_with_another_plan_is_refused_naming_what_differs(folder, tmp_path, monkeypatch, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(folder, data)
+    _written_shards(monkeypatch, fail_after=1)
+    with pytest.raises(RuntimeError, match="killed"):
+        make_shards(data, out, SHARD_SIZE, workers=1)
+    before = sorted(p.name for p in out.iterdir())
+    refused = "holds unfinished shards written with other settings ("
+    assert main(["make-shards", "--data", str(data), "--out", str(out), "--shard-size", "5"]) == 2
+    assert f"{refused}shard_size: 7 -> 5); pass a new --out" in capsys.readouterr().err
+    (data / "c0" / "0.JPG").rename(data / "c0" / "0b.JPG")  # as many files, one renamed
+    assert main(["make-shards", "--data", str(data), "--out", str(out), "--shard-size", "7"]) == 2
+    assert f"{refused}file_list_sha256: '" in capsys.readouterr().err
+    shutil.copy(data / "c1" / "1.png", data / "c1" / "8.png")  # one more file
+    assert main(["make-shards", "--data", str(data), "--out", str(out), "--shard-size", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "file_list_sha256: '" in err and "num_samples: 25 -> 26" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == before
+    (out / "shards-plan.json").unlink()  # shards that no plan accounts for
+    assert main(["make-shards", "--data", str(data), "--out", str(out)]) == 2
+    assert "holds train-000000.tar but no shards-plan.json" in capsys.readouterr().err
 
 
 def test_a_flat_folder_becomes_unlabelled_shards(tmp_path):

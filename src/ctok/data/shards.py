@@ -7,7 +7,10 @@ webdataset's format instead (written with webdataset's ``TarWriter``): sample i 
 original bytes, not re-encoded, and ``{i:08d}.cls``, its class id as decimal text; ``shard_size``
 samples go to each ``train-NNNNNN.tar``. ``shards.json`` beside them, written last, records the
 counts and the class names; it is also a wids dataset description, so ``wids.ShardListDataset``
-opens the same shards.
+opens the same shards. Several shards are written at once (threads: the work waits on the disk), and
+each appears whole or not at all, so a run killed after hours is finished by running it again: the
+plan recorded before the first shard (``shards-plan.json``: the shard size and a digest of the
+ordered file list) must match, and only the missing shards are written.
 
 Reading is by index, not by streaming: :class:`ImageShards` is a map-style dataset whose item i is
 the folder's item i, decoded, cropped and (if broken) skipped the same way. The training loop's
@@ -21,12 +24,14 @@ read, as it would read a file.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import io
 import json
 import os
 import struct
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -36,12 +41,18 @@ from tqdm import tqdm
 
 from ctok.atomic_files import atomic_write, write_json
 from ctok.data.images import IMAGE_EXTENSIONS, CroppedImages, list_images, read_rgb
+from ctok.locking import folder_lock
+from ctok.settings_check import check_same_settings
 
 FORMAT = "ctok-shards"
 INDEX_NAME = "shards.json"
+PLAN_NAME = "shards-plan.json"  # an unfinished set's record, replaced by shards.json
 PREFIX = "train"
 _IMAGE_SUFFIXES = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS}
 _TAR_HEADER = 512  # a member's data follows its 512-byte header
+# Shards written at once, in threads. Not capped at the CPU count: the writers mostly wait on the disk
+# (on 2 busy cores, 8 threads wrote 1.6-1.7x as fast as 1, 2 threads 1.25-1.3x, 2 or 4 processes at most 1.35x).
+DEFAULT_WORKERS = 8
 
 
 def _require(module: str):
@@ -54,32 +65,98 @@ def _require(module: str):
 
 
 # -- writing -------------------------------------------------------------------------------------
-def make_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: int) -> Path:
+def make_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: int, *,
+                workers: int = DEFAULT_WORKERS) -> Path:
     """Write the image folder ``data`` (ImageNet class sub-folders, or flat) as tar shards of
-    ``shard_size`` samples in ``out`` (see the module docstring); returns the path of shards.json.
+    ``shard_size`` samples in ``out`` (see the module docstring), ``workers`` shards at a time;
+    returns the path of shards.json.
 
     Each shard appears whole or not at all; shards.json is written last, so its presence means the
-    set is complete. Broken image files are copied as they are: training skips them as it would
-    in the folder.
+    set is complete. A rerun into an unfinished ``out`` writes only the shards that are missing, after
+    checking that they belong to the same plan (see :func:`_check_plan`). Broken image files are
+    copied as they are: training skips them as it would in the folder.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     tar_writer = _require("webdataset").TarWriter
     classes, samples = list_images(Path(data))
     out = Path(out)
     if (out / INDEX_NAME).exists():
         raise ValueError(f"{out} already holds a finished set of shards ({INDEX_NAME}); choose another --out")
-    digits = max(8, len(str(len(samples) - 1)))
-    shardlist = []
-    with tqdm(total=len(samples), desc="writing shards", unit="img") as bar:
-        for first in range(0, len(samples), shard_size):
-            name = f"{PREFIX}-{first // shard_size:06d}.tar"
-            part = samples[first:first + shard_size]
-            size = _write_shard(out / name, part, first, digits, tar_writer)
-            shardlist.append({"url": name, "nsamples": len(part), "filesize": size})
-            bar.update(len(part))
+    shards = [_Shard(f"{PREFIX}-{n:06d}.tar", first, samples[first:first + shard_size])
+              for n, first in enumerate(range(0, len(samples), shard_size))]
+    with folder_lock(out):
+        _check_plan(out, _plan(Path(data), samples, shard_size))
+        _write_missing(out, shards, max(8, len(str(len(samples) - 1))), workers, tar_writer)
+        shardlist = [{"url": s.name, "nsamples": len(s.samples), "filesize": (out / s.name).stat().st_size}
+                     for s in shards]
+        write_json(out / INDEX_NAME, _index(data, classes, samples, shard_size, shardlist), indent=1)
+        (out / PLAN_NAME).unlink()  # shards.json is the finished set's record now
+    return out / INDEX_NAME
+
+
+def _plan(data: Path, samples: list[tuple[Path, int]], shard_size: int) -> dict:
+    """What decides every shard's bytes: the shard size and the ordered (relative path, label) list,
+    kept as a digest so that a folder which gained, lost or renamed a file no longer matches."""
+    digest = hashlib.sha256()
+    for path, label in samples:
+        # NUL ends each field: it cannot occur in a path, so no two lists hash the same text.
+        digest.update(os.fsencode(path.relative_to(data)) + b"\0" + str(label).encode() + b"\0")
+    return {"format": FORMAT, "shard_size": shard_size, "num_samples": len(samples),
+            "file_list_sha256": digest.hexdigest()}
+
+
+def _check_plan(out: Path, plan: dict) -> None:
+    """Record ``plan`` in ``out`` before the first shard, or refuse an ``out`` holding shards of another one.
+
+    Runs under ``out``'s lock, so a temporary shard there was left by a killed writer: it is removed.
+    """
+    if not (out / PLAN_NAME).is_file():
+        unknown = sorted(out.glob(f"{PREFIX}-*.tar"))
+        if unknown:
+            raise ValueError(f"{out} holds {unknown[0].name} but no {PLAN_NAME}, so what its shards were written "
+                             "from is unknown; choose another --out, or delete them")
+    check_same_settings(out / PLAN_NAME, plan, f"{out} holds unfinished shards written")
+    for stale in out.glob(f".{PREFIX}-*.tar.*.tmp"):  # atomic_write's temporary names
+        stale.unlink()
+
+
+class _Shard(NamedTuple):
+    """One shard to write: its file name, the number of its first sample, its (path, label) samples."""
+
+    name: str
+    first: int
+    samples: list[tuple[Path, int]]
+
+
+def _write_missing(out: Path, shards: list[_Shard], digits: int, workers: int, tar_writer) -> None:
+    """Write the ``shards`` that ``out`` lacks, ``workers`` at a time. Threads, not processes: reading
+    files, writing and syncing tars wait on the disk without the GIL, and measured no slower than processes."""
+    todo = [s for s in shards if not (out / s.name).is_file()]
+    if len(todo) < len(shards):
+        tqdm.write(f"{out}: {len(shards) - len(todo)} of {len(shards)} shards are there already; "
+                   f"writing the other {len(todo)}")
+    total, left = (sum(len(s.samples) for s in some) for some in (shards, todo))
+    with (tqdm(total=total, initial=total - left, desc="writing shards", unit="img") as bar,
+          ThreadPoolExecutor(workers) as pool):
+        jobs = {pool.submit(_write_shard, out / s.name, s.samples, s.first, digits, tar_writer): len(s.samples)
+                for s in todo}
+        try:
+            for job in as_completed(jobs):
+                job.result()
+                bar.update(jobs[job])
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the shards being written finish; no new one starts
+            raise
+
+
+def _index(data: str | os.PathLike, classes: list[str], samples: list[tuple[Path, int]], shard_size: int,
+           shardlist: list[dict]) -> dict:
+    """shards.json's content."""
     labels = np.array([label for _, label in samples])
-    index = {
+    return {
         "format": FORMAT, "version": 1,
         # What makes the file a wids dataset description, whose shard urls are relative to it.
         "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": PREFIX,
@@ -91,19 +168,16 @@ def make_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: int
         "class_counts": np.bincount(labels, minlength=len(classes)).tolist() if classes else [],
         "shardlist": shardlist,
     }
-    write_json(out / INDEX_NAME, index, indent=1)
-    return out / INDEX_NAME
 
 
-def _write_shard(path: Path, samples: list[tuple[Path, int]], first: int, digits: int, tar_writer) -> int:
-    """One shard of ``samples`` (numbered from ``first``), atomically; returns its size in bytes."""
+def _write_shard(path: Path, samples: list[tuple[Path, int]], first: int, digits: int, tar_writer) -> None:
+    """One shard of ``samples`` (numbered from ``first``), atomically."""
     with atomic_write(path) as f:
         # mtime 0 instead of the clock: the same folder always gives byte-identical shards.
         with tar_writer(f, encoder=False, mtime=0) as tar:
             for i, (file, label) in enumerate(samples, start=first):
                 suffix = file.suffix.lower().lstrip(".")
                 tar.write({"__key__": f"{i:0{digits}d}", suffix: file.read_bytes(), "cls": str(label).encode()})
-        return f.tell()
 
 
 # -- reading -------------------------------------------------------------------------------------
