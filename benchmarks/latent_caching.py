@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from benchmarks.measure import Gemm, paired_ratio, summary, throughput, timed_side_by_side
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from ctok.data import open_images
 from ctok.latent_cache import build_latent_cache
 from ctok.latent_encoding import DEFAULT_PRECISION, encode_views
@@ -40,11 +41,6 @@ from ctok.numerics import effective_precision
 from ctok.training.config import build_config
 from ctok.training.distributed import init_distributed
 from ctok.training.generator import SiTTrainConfig, train_generator
-
-TINY_TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
-                      decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8,
-                      num_latent_tokens=8, codebook_embed_dim=4, codebook_size=64, num_codebooks=1,
-                      encoder_size=[64, 2, 2], decoder_size=[64, 2, 2])
 
 
 def write_images(folder: Path, count: int, size: int, classes: int = 4) -> None:

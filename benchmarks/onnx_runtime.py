@@ -8,7 +8,7 @@ over rounds of onnxruntime's time / PyTorch's (below 1: onnxruntime is faster).
 
 CPU only (the onnxruntime that ``ctok[onnx]`` installs is the CPU build). Full: a random-initialised
 MAETok-B-128 at 256 px and SiT-B/1 on 128 x 32 latents, batch 4. Quick: the tiny tokenizer of
-:mod:`benchmarks.latent_caching` and a 2-layer SiT, batch 2.
+:mod:`benchmarks.tiny_tokenizer` and a 2-layer SiT, batch 2.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latent_caching import TINY_TOKENIZER
 from benchmarks.measure import paired_ratio, summary, timed_side_by_side
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from ctok.export import export_model, onnx_session, run_onnx
 from ctok.models.diffusion_transformer import build_preset
 from ctok.models.tokenizer import Tokenizer, build_tokenizer

@@ -94,7 +94,8 @@ def prepare_inputs(work: Path, smoke: bool) -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from benchmarks.latent_caching import TINY_TOKENIZER, write_images
+    from benchmarks.latent_caching import write_images
+    from benchmarks.tiny_tokenizer import TINY_TOKENIZER
     from ctok.models.tokenizer import Tokenizer, build_tokenizer
     torch.manual_seed(0)
     tokenizer = Tokenizer.from_config(TINY_TOKENIZER) if smoke else build_tokenizer("maetok-b-128")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from ctok.cli import main
 from ctok.data.images import center_crop_adm, pil_to_tensor
 from ctok.latent_cache import LatentCache, build_latent_cache
@@ -30,7 +31,7 @@ from ctok.training.distributed import init_distributed
 from ctok.training.generator_data import CachedLatents, choose_latent_stats
 from ctok.training.sharding import BatchRandom, BatchSplit, derived_seed
 from test_evaluate import TinyFeatures, direct_features, smooth_images
-from test_latent_cache import TINY_TOKENIZER, RandomImages
+from test_latent_cache import RandomImages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

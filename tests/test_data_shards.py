@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from conftest import assert_identical
 from ctok.cli import build_parser, main
 from ctok.data import BrokenImage, ImageFolder, ImageShards, make_shards
@@ -33,7 +34,6 @@ from ctok.latent_cache import LatentCache
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.sharding import BatchSplit, GlobalBatchSampler
-from test_latent_cache import TINY_TOKENIZER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from ctok.cli import main
 from ctok.metrics.sample_npz import NpzImages
 from ctok.models.diffusion_transformer import DiT, SiT
@@ -17,9 +18,8 @@ from ctok.sampling import sample_dit, sample_sit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
-                 decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8,
-                 num_latent_tokens=8, codebook_embed_dim=4, codebook_size=64, num_codebooks=1)
+# The ViTs at vit_tiny's own width and depth (192 wide, 12 layers), not the 64-wide 2-layer ones.
+TOKENIZER = {**TINY_TOKENIZER, "encoder_size": None, "decoder_size": None}
 GENERATOR = dict(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=2)
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from scipy.special import logsumexp
 
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from conftest import draw_fashion_like, write_fashion_like
 from ctok.cli import main
 from ctok.latent_analysis import (
@@ -23,10 +24,7 @@ from ctok.latent_analysis import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
-                      decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8,
-                      num_latent_tokens=4, codebook_embed_dim=6, codebook_size=64, num_codebooks=1,
-                      encoder_size=[64, 2, 2], decoder_size=[64, 2, 2])
+TOKENIZER = {**TINY_TOKENIZER, "num_latent_tokens": 4, "codebook_embed_dim": 6}
 PLOTS = ("gmm_nll.png", "gmm_bic.png", "probe_accuracy.png", "variance_spectrum.png")
 
 
@@ -150,7 +148,7 @@ def workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("analysis")
     torch.manual_seed(0)
-    tokenizer = Tokenizer.from_config(TINY_TOKENIZER).eval()
+    tokenizer = Tokenizer.from_config(TOKENIZER).eval()
     # At initialisation the blocks' layer scales are tiny, so the latents would hardly depend on the
     # image; at 1 they do, and the GMMs and the probe have something to find.
     with torch.no_grad():

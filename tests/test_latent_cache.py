@@ -11,15 +11,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from ctok.latent_cache import INDEX_NAME, LatentCache, build_latent_cache
 from ctok.models.tokenizer import Tokenizer
 from ctok.seeding import SeededIndex
 from ctok.training.distributed import init_distributed
-
-TINY_TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
-                      decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8,
-                      num_latent_tokens=8, codebook_embed_dim=4, codebook_size=64, num_codebooks=1,
-                      encoder_size=[64, 2, 2], decoder_size=[64, 2, 2])
 
 
 class RandomImages(Dataset):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from ctok.cli import build_parser, main
 from ctok.latent_cache import LatentCache, build_latent_cache
 from ctok.latent_encoding import DEFAULT_PRECISION, encode_latents, encode_views
@@ -19,7 +20,7 @@ from ctok.training.distributed import init_distributed
 from ctok.training.generator import DiTTrainConfig, SiTTrainConfig
 from ctok.training.generator_data import EncodedImages, check_cache_precision
 from ctok.training.sharding import BatchRandom, BatchSplit
-from test_latent_cache import TINY_TOKENIZER, RandomImages
+from test_latent_cache import RandomImages
 
 
 @pytest.fixture(scope="module", params=["softvq", "maetok"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from ctok.cli import main
 from ctok.loading import load_any, load_sit
 from ctok.models.diffusion_transformer import DiT, LatentStats, SiT, TokenizerRecord
@@ -17,10 +18,7 @@ from ctok.protocol import ProtocolCard
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
-            decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8, num_latent_tokens=8,
-            codebook_embed_dim=4, codebook_size=64, num_codebooks=2, encoder_size=[64, 2, 2],
-            decoder_size=[64, 2, 2], vq_mean=0.25, vq_std=1.5)
+TINY = {**TINY_TOKENIZER, "num_codebooks": 2, "vq_mean": 0.25, "vq_std": 1.5}
 GENERATOR = dict(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10)
 STATS = LatentStats(0.125, 2.5, "latent cache test")
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from ctok.cli import main
 from ctok.data.images import center_crop_adm, pil_to_tensor
 from ctok.loading import load_tokenizer
@@ -22,10 +23,6 @@ from ctok.models.tokenizer import Tokenizer
 from test_evaluate import TinyFeatures
 
 TESTS = Path(__file__).resolve().parent
-TINY_TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
-                      decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8,
-                      num_latent_tokens=8, codebook_embed_dim=4, codebook_size=64, num_codebooks=1,
-                      encoder_size=[64, 2, 2], decoder_size=[64, 2, 2])
 
 
 @pytest.fixture(scope="module")

@@ -66,10 +66,11 @@ class CrashingRegression(Regression):
         return super().training_step(batch, step, rng)
 
 
-def train(cfg: ToyConfig, data, global_batch: int = 16, crash_at: int | None = None) -> Runner:
+def train(cfg: ToyConfig, data, global_batch: int = 16, crash_at: int | None = None,
+          task: type[Regression] = Regression) -> Runner:
     runner = Runner(cfg.run, config_to_dict(cfg), init_distributed("cpu"), global_batch=global_batch)
     net = runner.add_model(nn.Linear(5, 1), optim=cfg.optim, ema_decay=cfg.ema.decay)
-    runner.fit(Regression(net.wrapped) if crash_at is None else CrashingRegression(net.wrapped, crash_at), data)
+    runner.fit(task(net.wrapped) if crash_at is None else CrashingRegression(net.wrapped, crash_at), data)
     return runner
 
 

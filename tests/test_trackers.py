@@ -23,7 +23,7 @@ from ctok.training.checkpoint import checkpoint_path, list_checkpoints
 from ctok.training.config import build_config
 from ctok.training.run_log import RunLog, read_log
 from ctok.training.trackers import TensorBoardTracker, _wandb_mode
-from test_runner import Crash, ToyConfig, toy_config, toy_data, train
+from test_runner import Crash, Regression, ToyConfig, toy_config, toy_data, train
 from test_train_generator import ENV, small_cache, tokenizer, train_args  # noqa: F401 (fixtures, used by name)
 
 TOY_RUN = {"out_dir": "unused", "max_steps": 12}
@@ -241,9 +241,10 @@ def test_wandb_mode_auto_goes_offline_without_an_api_key(wandb_env, tmp_path, mo
 
 
 def wandb_history(run_folder: Path) -> tuple[dict[str, list[tuple[int, float]]], dict]:
-    """The scalars and the config in an offline W&B run's ``run-ID.wandb`` file: W&B's protobuf
-    records in the block format of LevelDB's log (a 7-byte header, then per record a checksum,
-    length and kind; a record may span blocks of 32 KiB)."""
+    """The logged values and the config in an offline W&B run's ``run-ID.wandb`` file (an image as
+    its fields: ``samples.path``, ``samples.width``, ...): W&B's protobuf records in the block format
+    of LevelDB's log (a 7-byte header, then per record a checksum, length and kind; a record may span
+    blocks of 32 KiB)."""
     from wandb.proto.wandb_internal_pb2 import Record
 
     (path,) = run_folder.glob("run-*.wandb")
@@ -290,6 +291,41 @@ def test_an_offline_wandb_run_holds_every_logged_scalar_and_a_resume_continues_i
     assert config["optim"]["lr"] == 0.5 and config["run"]["report_to"] == ["wandb"]
     earlier, _ = wandb_history(first)  # the crashed run's steps 3 and 6; W&B cannot take step 6 back
     assert [step for step, _ in earlier["loss"]] == [3, 6] and earlier["loss"][0] == logged["loss"][0]
+
+
+class PicturingRegression(Regression):
+    """The toy regression with a sample grid of four noise pictures drawn from the step, so that the
+    grids of two steps differ."""
+
+    def sample_images(self, step):
+        return torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(step)) * 2 - 1
+
+
+@pytest.mark.slow
+def test_an_offline_wandb_run_holds_each_sample_grid_at_its_step(wandb_env, tmp_path):
+    import wandb
+
+    out = tmp_path / "run"
+    train(toy_config(out, report_to=["wandb"], wandb_project="tests", sample_every=6), toy_data(),
+          task=PicturingRegression)
+    wandb.teardown()  # the service process has written every file once it is gone
+    (run_folder,) = (out / "wandb").glob("offline-run-*")
+    logged, _ = wandb_history(run_folder)
+    grids = {int(path.stem.removeprefix("step-")): path for path in (out / "samples").glob("step-*.png")}
+    assert sorted(grids) == [6, 12]
+    # W&B's history row of a step holds log.jsonl's record of that step and the grid's fields
+    records = {record["step"]: record for record in read_log(out / "log.jsonl")}
+    assert [(step, value) for step, value in logged["loss"] if step in grids] == [(6, records[6]["loss"]),
+                                                                                  (12, records[12]["loss"])]
+    assert logged["samples._type"] == [(6, "image-file"), (12, "image-file")]
+    for (step, path), (_, width), (_, height) in zip(logged["samples.path"], logged["samples.width"],
+                                                      logged["samples.height"], strict=True):
+        assert path.startswith("media/images/")
+        with Image.open(run_folder / "files" / path) as stored, Image.open(grids[step]) as grid:
+            assert stored.size == grid.size == (width, height)
+            np.testing.assert_array_equal(np.asarray(stored), np.asarray(grid))
+    with Image.open(grids[6]) as first, Image.open(grids[12]) as last:
+        assert not np.array_equal(np.asarray(first), np.asarray(last))
 
 
 def _by_key(records: list[dict]) -> dict[str, list[tuple[int, float]]]:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import ctok
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from ctok.cli import main
 from ctok.data.fashion_mnist import FashionMNIST, load_fashion_mnist
 from ctok.latent_cache import build_latent_cache
@@ -28,10 +29,6 @@ from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.distributed import init_distributed
 from ctok.training.generator_data import choose_latent_stats, stats_subset
 
-TINY_TOKENIZER = dict(image_size=32, base_image_size=32, encoder_model="vit_tiny_patch14_dinov2",
-                      decoder_model="vit_tiny_patch14_dinov2", enc_patch_size=8, dec_patch_size=8,
-                      num_latent_tokens=8, codebook_embed_dim=4, codebook_size=64, num_codebooks=1,
-                      encoder_size=[64, 2, 2], decoder_size=[64, 2, 2])
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
