@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import TensorDataset
 
 import ctok
+from benchmarks.tiny_tokenizer import TINY_TOKENIZER
 from conftest import write_fashion_like
 from ctok.latent_cache import build_latent_cache
 from ctok.models.diffusion_transformer import LatentStats, build_preset
@@ -32,7 +33,6 @@ from ctok.training.generator_data import EncodedImages
 from ctok.training.sharding import BatchRandom, BatchSplit
 from ctok.training.task import TrainedModule
 from ctok.validation import check_labels, check_tensor
-from test_latent_cache import TINY_TOKENIZER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
