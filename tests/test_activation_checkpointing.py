@@ -31,7 +31,8 @@ from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.config import build_config, config_to_dict, load_config
 from ctok.training.distributed import init_distributed
 from ctok.training.masking import random_patch_mask
-from ctok.training.runner import FREE_ON_RESUME, EMASection, OptimSection, Runner, RunSection
+from ctok.training.runner import Runner
+from ctok.training.sections import FREE_ON_RESUME, EMASection, OptimSection, RunSection
 from ctok.training.task import StepLosses
 from ctok.training.tokenizer import TokenizerTrainingModel
 from ctok.training.tokenizer_config import TokenizerTrainConfig, tokenizer_config

@@ -109,7 +109,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 from ctok.training.distributed import init_distributed
-from ctok.training.runner import OptimSection, Runner, RunSection
+from ctok.training.runner import Runner
+from ctok.training.sections import OptimSection, RunSection
 from ctok.training.task import StepLosses
 
 class Task:

@@ -16,7 +16,7 @@ from ctok.training.config import load_config
 from ctok.training.dist_timeout import DEFAULT_DIST_TIMEOUT_MIN
 from ctok.training.distributed import DistContext, init_distributed, shutdown_distributed
 from ctok.training.members import register
-from ctok.training.runner import FREE_ON_RESUME, OptimSection
+from ctok.training.sections import FREE_ON_RESUME, OptimSection
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from torch.utils.data import TensorDataset
 from ctok.training.checkpoint import list_checkpoints, load_checkpoint
 from ctok.training.config import build_config, config_to_dict
 from ctok.training.distributed import init_distributed
-from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
+from ctok.training.runner import Runner
+from ctok.training.sections import EMASection, OptimSection, RunSection
 from ctok.training.task import StepLosses
 
 

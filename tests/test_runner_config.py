@@ -16,7 +16,7 @@ from ctok.training.config import (
     resolve_config_path,
 )
 from ctok.training.generator import DiTTrainConfig, SiTTrainConfig, default_out_dir
-from ctok.training.runner import OptimSection, RunSection
+from ctok.training.sections import OptimSection, RunSection
 
 
 @dataclass

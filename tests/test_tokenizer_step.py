@@ -20,7 +20,7 @@ from ctok.models.auxiliary_decoders import AuxiliaryDecoders
 from ctok.models.tokenizer import Tokenizer
 from ctok.training.config import load_config
 from ctok.training.masking import MaskSchedule
-from ctok.training.runner import RunSection
+from ctok.training.sections import RunSection
 from ctok.training.sharding import BatchRandom, BatchSplit
 from ctok.training.task import StepLosses, TrainedModule
 from ctok.training.tokenizer import DiscriminatorObjective, TokenizerTask, TokenizerTrainingModel

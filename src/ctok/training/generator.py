@@ -42,7 +42,8 @@ from ctok.sampling.gaussian_diffusion import GaussianDiffusion, sample_dit
 from ctok.training.config import config_to_dict
 from ctok.training.distributed import init_distributed, shutdown_distributed
 from ctok.training.generator_data import CachedLatents, EncodedImages, check_cache_precision, choose_latent_stats
-from ctok.training.runner import EMASection, OptimSection, Runner, RunSection
+from ctok.training.runner import Runner
+from ctok.training.sections import EMASection, OptimSection, RunSection
 from ctok.training.sharding import BatchRandom
 from ctok.training.task import StepLosses, TrainedModule
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -11,16 +10,13 @@ from timm.utils.model_ema import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from ctok.training.distributed import DistContext
+from ctok.training.sections import OptimSection
 from ctok.training.task import TrainedModule
 
 # DDP's switch for copying rank 0's buffers before every forward: recent torch renamed it (the old
 # name warns there, and also skips the copy at construction, which ctok does not need either).
 _DDP_OPTIONS = inspect.signature(DistributedDataParallel).parameters
 _NO_BUFFER_SYNC = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_OPTIONS else "broadcast_buffers"
-
-if TYPE_CHECKING:  # the runner imports this module: its sections are only named here, for the annotations
-    from ctok.training.runner import OptimSection
-
 
 @dataclass
 class Member:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from ctok.latent_analysis import QUICK_COMPONENTS
 from ctok.models.teachers import DINO_DISCRIMINATOR, DINOV2_TEACHER, SIGLIP_TEACHER
 from ctok.models.tokenizer import TokenizerConfig, preset_config
-from ctok.training.runner import EMASection, OptimSection, RunSection
+from ctok.training.sections import EMASection, OptimSection, RunSection
 
 
 @dataclass
