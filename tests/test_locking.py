@@ -60,3 +60,26 @@ def test_other_processes_of_a_job_do_not_take_the_lock(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+FORK_AND_HOLD = ("import os, sys, time; from ctok.locking import folder_lock\n"
+                 "with folder_lock(sys.argv[1]):\n"
+                 "    child = os.fork()\n"
+                 "    if child == 0:\n        time.sleep(60); os._exit(0)\n"
+                 "    print(child, flush=True); time.sleep(60)")
+
+
+def test_a_killed_holders_forked_children_do_not_keep_the_folder_locked(tmp_path):
+    """A trainer's DataLoader workers are forked while it holds the lock and outlive a kill -9 for a
+    few seconds: a rerun started at once must get the folder all the same."""
+    proc = subprocess.Popen([sys.executable, "-c", FORK_AND_HOLD, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                            text=True)
+    child = int(proc.stdout.readline())
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(child, 0)  # the forked child is still alive
+        with folder_lock(tmp_path / "out"):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
